@@ -1,0 +1,110 @@
+"""Typed errors of hf_ggda.
+
+Every error names the problem and says how to fix it. Each subclasses the built-in exception
+that fits (``ValueError`` for bad input, ``RuntimeError`` for bad state, ``FileNotFoundError``
+for missing stores, ``FloatingPointError`` for non-finite numbers) so callers can catch either.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+
+class GGDAError(Exception):
+    """Base class of all hf_ggda errors."""
+
+
+class EmptyDatasetError(GGDAError, ValueError):
+    """A dataset has no rows."""
+
+    def __init__(self, what: str = "dataset") -> None:
+        super().__init__(
+            f"The {what} is empty (0 rows). Pass a dataset with at least one row; "
+            "check filters or splits that may have removed every row."
+        )
+
+
+class MissingColumnError(GGDAError, ValueError):
+    """A column the configuration needs is absent."""
+
+    def __init__(self, column: str, available: Iterable[str], role: str = "column") -> None:
+        self.column = column
+        self.available = list(available)
+        super().__init__(
+            f"Missing {role} {column!r}: the dataset has columns {self.available}. "
+            f"Rename a column with `dataset.rename_column(old, {column!r})` or pass the "
+            "right column name in the task/grouper config."
+        )
+
+
+class ColumnTypeError(GGDAError, ValueError):
+    """A column has the wrong type."""
+
+
+class GroupingError(GGDAError, ValueError):
+    """Grouping cannot be done as asked (K < 1, K > n, classes too small, nulls...)."""
+
+
+class NoParametersError(GGDAError, ValueError):
+    """The parameter selection matched nothing."""
+
+    def __init__(self, how: str, names: Sequence[str]) -> None:
+        shown = list(names[:20])
+        more = f" ... and {len(names) - 20} more" if len(names) > 20 else ""
+        super().__init__(
+            f"No parameters selected by {how}. The model has these parameters: {shown}{more}. "
+            "Attach a PEFT adapter (e.g. peft.get_peft_model with a LoraConfig), unfreeze "
+            "parameters and use selection='trainable', or pass names/regex that match."
+        )
+
+
+class PartialSelectionWarning(UserWarning):
+    """Some requested parameter names matched nothing."""
+
+
+class NonFiniteError(GGDAError, FloatingPointError):
+    """A loss or gradient is NaN or infinite."""
+
+    def __init__(self, what: str, rows: Sequence[int]) -> None:
+        self.rows = list(rows)
+        shown = self.rows[:20]
+        super().__init__(
+            f"Non-finite {what} (NaN or Inf) for dataset rows {shown}"
+            f"{' ...' if len(self.rows) > 20 else ''}. Inspect or drop these rows "
+            "(`dataset.select(...)`), lower the learning rate of the checkpoint, or run the "
+            "model in float32."
+        )
+
+
+class NotFittedError(GGDAError, RuntimeError):
+    """``score`` was called before ``fit``."""
+
+
+class StoreNotFoundError(GGDAError, FileNotFoundError):
+    """A path is not a gradient store."""
+
+
+class StoreMismatchError(GGDAError, ValueError):
+    """A store was made for another model, data or config."""
+
+    def __init__(self, path: str, saved: dict, requested: dict) -> None:
+        self.saved = saved
+        self.requested = requested
+        diff = {
+            k: {"saved": saved.get(k), "requested": requested.get(k)}
+            for k in sorted(set(saved) | set(requested))
+            if saved.get(k) != requested.get(k)
+        }
+        super().__init__(
+            f"The gradient store at {path!r} was made for a different request; differing "
+            f"fields (saved vs requested): {diff}. Use another store path, or pass "
+            "overwrite=True to replace it."
+        )
+
+
+class CorruptShardError(GGDAError, RuntimeError):
+    """A store shard cannot be read."""
+
+
+class TokenizationMismatchError(GGDAError, ValueError):
+    """Query and train data were prepared differently."""

@@ -1,0 +1,302 @@
+"""The gradient engine: K group gradients (or n per-example gradients) in one pass.
+
+Rows are ordered by group (stable), cut into shards of whole groups, and each shard is one
+sequence of forward+backward passes whose per-group sums come from
+:class:`~hf_ggda.gradients.hooks.GradientCollector`. Shards go to a
+:class:`~hf_ggda.store.GradientStore` when a path is given, so an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from datasets import Dataset
+
+from ..errors import GroupingError, MissingColumnError, NonFiniteError
+from ..fingerprint import hash_array, hash_json, hash_model, request_fingerprint
+from ..logging import get_logger, progress
+from ..params import ParameterSelection, SelectionSpec
+from ..store import GradientStore
+from ..tasks import GROUP_COLUMN, AttributionTask, Batch, check_columns
+from .hooks import GradientCollector
+from .projection import RandomProjector
+
+logger = get_logger(__name__)
+
+RowFn = Union[str, Callable[[torch.nn.Module, Batch], torch.Tensor]]
+
+
+@dataclass
+class EngineConfig:
+    """Settings of the gradient engine.
+
+    Attributes:
+        batch_size: Rows per forward/backward pass (does not change results).
+        projection_dim: Project gradients to this many dimensions (None: keep all d).
+        projection_kind: ``"rademacher"`` or ``"gaussian"``.
+        seed: Projection seed.
+        shard_rows: Target rows per store shard (shards hold whole groups).
+        strict: Turn warnings (train mode, partial name matches) into errors.
+    """
+
+    batch_size: int = field(default=16, metadata={"help": "Rows per forward/backward pass."})
+    projection_dim: Optional[int] = field(
+        default=None, metadata={"help": "Random projection dimension (None = no projection)."})
+    projection_kind: str = field(default="rademacher",
+                                 metadata={"help": "'rademacher' or 'gaussian'."})
+    seed: int = field(default=0, metadata={"help": "Seed of the random projection."})
+    shard_rows: int = field(default=512, metadata={"help": "Target rows per store shard."})
+    strict: bool = field(default=False,
+                         metadata={"help": "Raise instead of warning on risky input."})
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}.")
+        if self.shard_rows < 1:
+            raise ValueError(f"shard_rows must be >= 1, got {self.shard_rows}.")
+        if self.projection_dim is not None and self.projection_dim < 1:
+            raise ValueError(f"projection_dim must be >= 1 or None, got {self.projection_dim}.")
+        if self.projection_kind not in ("rademacher", "gaussian"):
+            raise ValueError("projection_kind must be 'rademacher' or 'gaussian', got "
+                             f"{self.projection_kind!r}.")
+
+
+@dataclass
+class GroupGradients:
+    """K group gradients (rows) with their ids.
+
+    Attributes:
+        gradients: (K, p) matrix, row k = Σ_{i ∈ G_k} ∇ℓ_i (projected when configured).
+        group_ids: The K group ids, sorted.
+        sizes: (K,) members per group.
+        fingerprint: What the numbers depend on.
+    """
+
+    gradients: torch.Tensor
+    group_ids: list[Any]
+    sizes: np.ndarray
+    fingerprint: dict[str, Any]
+
+
+@dataclass
+class _Plan:
+    order: np.ndarray  # dataset rows, sorted by group
+    slot: np.ndarray  # group index of each entry of ``order``
+    ptr: np.ndarray  # (K+1,) start of each group in ``order``
+    group_ids: list[Any]
+    shards: list[tuple[int, int]]
+
+
+def plan_groups(values: Sequence[Any], shard_rows: int) -> _Plan:
+    """Order rows by group and cut whole groups into shards of about ``shard_rows`` rows.
+
+    Raises:
+        GroupingError: A group value is null or the values cannot be ordered.
+    """
+    nulls = [i for i, v in enumerate(values) if v is None]
+    if nulls:
+        raise GroupingError(f"Group column has nulls at rows {nulls[:20]}; every row needs a "
+                            "group. Fill them (e.g. with a 'unknown' group) or drop the rows.")
+    try:
+        uniq, inverse = np.unique(np.asarray(values), return_inverse=True)
+    except TypeError as err:
+        raise GroupingError(f"Group ids cannot be sorted ({err}); use one type.") from err
+    order = np.argsort(inverse, kind="stable")
+    counts = np.bincount(inverse, minlength=len(uniq))
+    ptr = np.concatenate([[0], np.cumsum(counts)])
+    shards, start = [], 0
+    for k in range(len(uniq)):
+        if ptr[k + 1] - ptr[start] >= shard_rows or k == len(uniq) - 1:
+            shards.append((start, k + 1))
+            start = k + 1
+    ids = [v.item() if hasattr(v, "item") else v for v in uniq]
+    return _Plan(order, inverse[order], ptr, ids, shards)
+
+
+class GradientEngine:
+    """Computes group and per-example gradients of a task's per-row losses.
+
+    Args:
+        model: A transformers / PEFT model (any torch module the task can call).
+        task: The :class:`~hf_ggda.tasks.AttributionTask`.
+        selection: Parameter selection spec (see :meth:`ParameterSelection.resolve`).
+        config: Engine settings.
+
+    Raises:
+        NoParametersError: The selection matched nothing.
+    """
+
+    def __init__(self, model: torch.nn.Module, task: AttributionTask,
+                 selection: SelectionSpec | ParameterSelection = "auto",
+                 config: Optional[EngineConfig] = None) -> None:
+        self.model = model
+        self.task = task
+        self.config = config or EngineConfig()
+        self.selection = selection if isinstance(selection, ParameterSelection) else \
+            ParameterSelection.resolve(model, selection, strict=self.config.strict)
+        params = self.selection.parameters(model)
+        self.dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) \
+            else torch.float32
+        self.device = params[0].device
+        self.projector = None
+        if self.config.projection_dim is not None:
+            self.projector = RandomProjector(self.selection.numel, self.config.projection_dim,
+                                             self.config.projection_kind, self.config.seed)
+
+    @property
+    def dim(self) -> int:
+        """Columns of the gradient matrices (p if projected, else d)."""
+        return self.projector.dim_out if self.projector else self.selection.numel
+
+    # -- public API ----------------------------------------------------------------------------
+    def group_gradients(self, dataset: Dataset, group_column: str = GROUP_COLUMN,
+                        store: Optional[str] = None, overwrite: bool = False,
+                        fn: RowFn = "loss") -> GroupGradients:
+        """Return g_G = Σ_{i∈G} ∇ fn(row i) for every group of ``dataset[group_column]``.
+
+        Args:
+            dataset: Raw rows (the task prepares them) with a group column.
+            group_column: Column holding group ids.
+            store: Folder of a resumable :class:`GradientStore` (None: keep in memory).
+            overwrite: Replace a store made for another request.
+            fn: ``"loss"`` (training loss), ``"measurement"`` or a callable (model, batch) ->
+                (B,) tensor.
+
+        Returns:
+            The group gradients, groups sorted by id.
+
+        Raises:
+            MissingColumnError: No group column.
+            EmptyDatasetError: No rows.
+            NonFiniteError: A loss or gradient is NaN/Inf (names the rows).
+            StoreMismatchError: ``store`` was made for another request.
+        """
+        if group_column not in dataset.column_names:
+            raise MissingColumnError(group_column, dataset.column_names, role="group column")
+        check_columns(dataset, [group_column])
+        plan = plan_groups(dataset[group_column], self.config.shard_rows)
+        return self._run(dataset, plan, store, overwrite, fn, per_example=False,
+                         grouping=hash_array(dataset[group_column]))
+
+    def per_example_gradients(self, dataset: Dataset, store: Optional[str] = None,
+                              overwrite: bool = False, fn: RowFn = "loss") -> GroupGradients:
+        """Return the n per-example gradients (point mode; vectorised, one pass).
+
+        Args and Raises: as :meth:`group_gradients`, without a group column.
+        """
+        check_columns(dataset, [])
+        plan = plan_groups(list(range(len(dataset))), self.config.shard_rows)
+        return self._run(dataset, plan, store, overwrite, fn, per_example=True,
+                         grouping="point")
+
+    def fingerprint(self, dataset: Dataset, grouping: str, fn: RowFn) -> dict[str, Any]:
+        """Everything the stored gradients depend on (batch size excluded)."""
+        return request_fingerprint({
+            "model": hash_model(self.model, self.selection.names),
+            "selection": hash_json(self.selection.to_dict()),
+            "task": self.task.fingerprint(),
+            "projection": self.projector.config_dict() if self.projector else None,
+            "dataset": dataset._fingerprint,
+            "grouping": grouping,
+            "fn": fn if isinstance(fn, str) else getattr(fn, "__qualname__", repr(fn)),
+        })
+
+    # -- internals -----------------------------------------------------------------------------
+    def _row_fn(self, fn: RowFn) -> Callable[[torch.nn.Module, Batch], torch.Tensor]:
+        if fn == "loss":
+            return self.task.per_row_loss
+        if fn == "measurement":
+            return self.task.measurement
+        if callable(fn):
+            return fn
+        raise ValueError(f"fn must be 'loss', 'measurement' or a callable, got {fn!r}.")
+
+    @contextlib.contextmanager
+    def attribution_mode(self) -> Iterator[None]:
+        """Eval mode (dropout off), only selected parameters differentiable, grad enabled."""
+        was_training = self.model.training
+        if was_training:
+            msg = ("The model is in train mode; dropout would make gradients random. "
+                   "Switching to eval() for attribution.")
+            if self.config.strict:
+                raise RuntimeError(msg + " (strict mode: call model.eval() first)")
+            logger.info(msg)
+        self.model.eval()
+        try:
+            with self.selection.only_selected_require_grad(self.model), \
+                    torch.enable_grad():
+                yield
+        finally:
+            self.model.train(was_training)
+
+    def _run(self, dataset: Dataset, plan: _Plan, store_path: Optional[str], overwrite: bool,
+             fn: RowFn, per_example: bool, grouping: str) -> GroupGradients:
+        prepared = self.task.prepare(dataset)
+        fp = self.fingerprint(dataset, grouping, fn)
+        store = None
+        if store_path is not None:
+            store = GradientStore.create(store_path, fp, plan.group_ids, plan.shards, self.dim,
+                                         self.dtype, overwrite=overwrite)
+        todo = store.missing_shards() if store else list(range(len(plan.shards)))
+        results: dict[int, torch.Tensor] = {}
+        features = prepared.select_columns(
+            [c for c in self.task.feature_columns if c in prepared.column_names])
+        row_fn = self._row_fn(fn)
+        collector = GradientCollector(self.model, self.selection, self.dtype)
+        bar = progress(total=int(sum(plan.ptr[b] - plan.ptr[a] for a, b in
+                                     (plan.shards[i] for i in todo))),
+                       desc="Group gradients" if not per_example else "Per-example gradients",
+                       unit="row")
+        with self.attribution_mode(), collector:
+            for s in todo:
+                block = self._shard(features, plan, plan.shards[s], row_fn, collector,
+                                    per_example, bar)
+                if store is not None:
+                    store.write_shard(s, block)
+                else:
+                    results[s] = block
+        bar.close()
+        if store is not None:
+            store.mark_complete()
+            grads = store.load(self.device)
+        else:
+            grads = torch.cat([results[i] for i in range(len(plan.shards))])
+        sizes = np.diff(plan.ptr)
+        return GroupGradients(grads, plan.group_ids, sizes, fp)
+
+    def _shard(self, features: Dataset, plan: _Plan, bounds: tuple[int, int], row_fn: Callable,
+               collector: GradientCollector, per_example: bool, bar: Any) -> torch.Tensor:
+        g0, g1 = bounds
+        r0, r1 = int(plan.ptr[g0]), int(plan.ptr[g1])
+        out = torch.zeros(g1 - g0, self.selection.numel, dtype=self.dtype, device=self.device)
+        bs = self.config.batch_size
+        for start in range(r0, r1, bs):
+            rows = plan.order[start:min(start + bs, r1)]
+            batch = self.task.collate(features[rows.tolist()] if len(rows) > 1
+                                      else {k: [v] for k, v in features[int(rows[0])].items()})
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            collector.reset()
+            losses = row_fn(self.model, batch)
+            bad = ~torch.isfinite(losses.detach())
+            if bad.any():
+                raise NonFiniteError("loss", rows[bad.cpu().numpy()].tolist())
+            slots = torch.as_tensor(plan.slot[start:start + len(rows)] - g0)
+            collector.backward(losses, slots, out, per_example=per_example)
+            bar.update(len(rows))
+        bad_rows = ~torch.isfinite(out).all(1)
+        if bad_rows.any():
+            groups = [plan.group_ids[g0 + int(k)] for k in torch.nonzero(bad_rows).flatten()]
+            raise NonFiniteError(f"gradient (groups {groups[:10]})",
+                                 [int(r) for g in torch.nonzero(bad_rows).flatten()
+                                  for r in plan.order[plan.ptr[g0 + int(g)]:
+                                                      plan.ptr[g0 + int(g) + 1]]])
+        return self.projector.project(out) if self.projector else out
+
+
+def config_to_dict(config: EngineConfig) -> dict[str, Any]:
+    """Plain-data form of an engine config."""
+    return asdict(config)

@@ -1,0 +1,176 @@
+"""Group and per-example gradients from one backward pass, via hooks on linear layers.
+
+For a linear map y = a Wᵀ + b applied at every token, the gradient of a sum of row losses is
+Σ_rows Σ_tokens (∂ℓ/∂y) ⊗ a. Forward hooks keep each tracked layer's input ``a`` and output
+``y``; one ``torch.autograd.grad`` call returns ∂(Σℓ)/∂y for every tracked output (autograd
+computes no weight gradients at all), and the weight gradient of each *group* is then a single
+matmul over that group's rows — so the cost is the one forward+backward pass, and per-example
+gradients are never formed unless asked for (point mode, where it is one ``bmm``).
+
+Selected parameters that do not belong to a tracked layer (embeddings, norms, prompt vectors)
+go through autograd directly: summed when the batch holds one group, or as a vmapped backward
+with one-hot group weights (``is_grads_batched``) otherwise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from transformers.pytorch_utils import Conv1D
+
+from ..params import ParameterSelection
+
+
+@dataclass
+class _Tracked:
+    module: torch.nn.Module
+    transposed: bool  # Conv1D stores W as (in, out)
+    weight: Optional[tuple[int, int]]  # slice in the flat vector
+    bias: Optional[tuple[int, int]]
+    calls: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+
+
+def segment_bounds(slots: torch.Tensor) -> list[tuple[int, int, int]]:
+    """Return (slot, start, stop) for runs of equal values in a 1-D tensor of group slots."""
+    vals = slots.tolist()
+    out, start = [], 0
+    for i in range(1, len(vals) + 1):
+        if i == len(vals) or vals[i] != vals[start]:
+            out.append((vals[start], start, i))
+            start = i
+    return out
+
+
+class GradientCollector:
+    """Computes summed-per-group gradients of selected parameters for one batch at a time.
+
+    Args:
+        model: The model.
+        selection: Selected parameters; their flat layout defines the output columns.
+        dtype: Accumulation dtype (float32, or float64 for float64 models).
+    """
+
+    def __init__(self, model: torch.nn.Module, selection: ParameterSelection,
+                 dtype: torch.dtype = torch.float32) -> None:
+        self.selection = selection
+        self.dtype = dtype
+        self.dim = selection.numel
+        offsets = selection.offsets()
+        named = dict(model.named_parameters())
+        covered: set[str] = set()
+        self.tracked: list[_Tracked] = []
+        for mname, module in model.named_modules():
+            if not isinstance(module, (torch.nn.Linear, Conv1D)):
+                continue
+            w = f"{mname}.weight" if mname else "weight"
+            b = f"{mname}.bias" if mname else "bias"
+            w_sl = offsets.get(w) if named.get(w) is module.weight else None
+            b_sl = offsets.get(b) if module.bias is not None and named.get(b) is module.bias \
+                else None
+            if w_sl is None and b_sl is None:
+                continue
+            covered |= {n for n, s in ((w, w_sl), (b, b_sl)) if s is not None}
+            self.tracked.append(_Tracked(module, isinstance(module, Conv1D), w_sl, b_sl))
+        self.fallback = [n for n in selection.names if n not in covered]
+        self._fallback_params = [named[n] for n in self.fallback]
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    # -- hook management -------------------------------------------------------------------
+    def __enter__(self) -> "GradientCollector":
+        for t in self.tracked:
+            t.calls.clear()
+            self._handles.append(t.module.register_forward_hook(self._make_hook(t)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    @staticmethod
+    def _make_hook(t: _Tracked):  # type: ignore[no-untyped-def]
+        def hook(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            if output.requires_grad:
+                t.calls.append((inputs[0].detach(), output))
+        return hook
+
+    def reset(self) -> None:
+        """Forget captured activations (call before each forward)."""
+        for t in self.tracked:
+            t.calls.clear()
+
+    # -- gradients ---------------------------------------------------------------------------
+    def backward(self, losses: torch.Tensor, slots: torch.Tensor, out: torch.Tensor,
+                 per_example: bool = False) -> None:
+        """Add the summed gradients of ``losses`` per slot into ``out``.
+
+        Args:
+            losses: (B,) per-row losses of the batch just run under this collector.
+            slots: (B,) row index into ``out`` of each batch row; rows of one slot must be
+                contiguous.
+            out: (num_slots, d) accumulator in the accumulation dtype, updated in place.
+            per_example: Every row is its own slot (vectorised point mode).
+        """
+        outputs = [y for t in self.tracked for (_, y) in t.calls]
+        segments = segment_bounds(slots)
+        many = len(segments) > 1
+        fb = self._fallback_params if not many else []
+        grads = torch.autograd.grad(losses.sum(), outputs + fb, allow_unused=True,
+                                    retain_graph=bool(self._fallback_params) and many)
+        pos = 0
+        for t in self.tracked:
+            for a, _ in t.calls:
+                go = grads[pos]
+                pos += 1
+                if go is not None:
+                    self._linear_grads(t, a, go, segments, out, per_example)
+        if self._fallback_params:
+            self._fallback_grads(losses, grads[len(outputs):], segments, out)
+
+    def _linear_grads(self, t: _Tracked, a: torch.Tensor, go: torch.Tensor,
+                      segments: list[tuple[int, int, int]], out: torch.Tensor,
+                      per_example: bool) -> None:
+        bsz = a.shape[0]
+        a = a.reshape(bsz, -1, a.shape[-1]).to(self.dtype)
+        go = go.reshape(bsz, -1, go.shape[-1]).to(self.dtype)
+        if per_example and len(segments) == bsz:
+            idx = torch.tensor([s for s, _, _ in segments], device=out.device)
+            if t.weight is not None:
+                gw = torch.bmm(a.transpose(1, 2), go) if t.transposed \
+                    else torch.bmm(go.transpose(1, 2), a)
+                out[idx, t.weight[0]:t.weight[1]] += gw.reshape(bsz, -1)
+            if t.bias is not None:
+                out[idx, t.bias[0]:t.bias[1]] += go.sum(1)
+            return
+        for slot, s, e in segments:
+            a_s = a[s:e].reshape(-1, a.shape[-1])
+            g_s = go[s:e].reshape(-1, go.shape[-1])
+            if t.weight is not None:
+                gw = a_s.T @ g_s if t.transposed else g_s.T @ a_s
+                out[slot, t.weight[0]:t.weight[1]] += gw.reshape(-1)
+            if t.bias is not None:
+                out[slot, t.bias[0]:t.bias[1]] += g_s.sum(0)
+
+    def _fallback_grads(self, losses: torch.Tensor, summed: tuple,
+                        segments: list[tuple[int, int, int]], out: torch.Tensor) -> None:
+        offsets = self.selection.offsets()
+        if len(segments) == 1:
+            grads = [g.unsqueeze(0) if g is not None else None for g in summed]
+            slot_idx = [segments[0][0]]
+        else:
+            weights = torch.zeros(len(segments), losses.shape[0], dtype=losses.dtype,
+                                  device=losses.device)
+            for k, (_, s, e) in enumerate(segments):
+                weights[k, s:e] = 1.0
+            grads = list(torch.autograd.grad(losses, self._fallback_params,
+                                             grad_outputs=weights, is_grads_batched=True,
+                                             allow_unused=True))
+            slot_idx = [slot for slot, _, _ in segments]
+        idx = torch.tensor(slot_idx, device=out.device)
+        for name, g in zip(self.fallback, grads):
+            if g is None:
+                continue
+            s, e = offsets[name]
+            out[idx, s:e] += g.reshape(len(slot_idx), -1).to(self.dtype)

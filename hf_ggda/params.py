@@ -1,0 +1,160 @@
+"""Which parameters to attribute through: PEFT adapters (default), trainable ones, or names.
+
+Gradients are taken for the selected parameters only; every other weight is a constant
+(``requires_grad=False`` while the engine runs, restored afterwards).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import warnings
+from dataclasses import dataclass
+from typing import Iterator, Sequence, Union
+
+import torch
+
+from .errors import NoParametersError, PartialSelectionWarning
+from .logging import get_logger
+
+logger = get_logger(__name__)
+
+SelectionSpec = Union[str, Sequence[str]]
+
+
+def _peft_names(model: torch.nn.Module) -> list[str]:
+    """Names of a PeftModel's adapter parameters for its active adapter (any PEFT method)."""
+    adapter = getattr(model, "active_adapter", "default")
+    if isinstance(adapter, (list, tuple)):
+        adapter = adapter[0]
+    prefix = getattr(getattr(model, "base_model", None), "prefix", None)
+    names = []
+    for name, _ in model.named_parameters():
+        in_adapter = f".{adapter}." in f".{name}." or name.endswith(f".{adapter}")
+        is_tuner = prefix is not None and prefix in name
+        is_saved = ".modules_to_save." in name
+        is_prompt = name.startswith("prompt_encoder.")
+        if (is_tuner or is_saved or is_prompt) and in_adapter:
+            names.append(name)
+    return names
+
+
+def _is_peft(model: torch.nn.Module) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+
+
+@dataclass(frozen=True)
+class ParameterSelection:
+    """An ordered set of selected parameter names with their shapes.
+
+    Attributes:
+        names: Selected parameter names, in ``model.named_parameters()`` order.
+        shapes: Their shapes.
+        how: How they were selected (for fingerprints and messages).
+    """
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    how: str
+
+    @property
+    def numel(self) -> int:
+        """Total number of selected scalars d."""
+        total = 0
+        for shape in self.shapes:
+            total += int(torch.Size(shape).numel())
+        return total
+
+    def offsets(self) -> dict[str, tuple[int, int]]:
+        """Return each name's [start, stop) slice in the flat gradient vector."""
+        out, pos = {}, 0
+        for name, shape in zip(self.names, self.shapes):
+            n = int(torch.Size(shape).numel())
+            out[name] = (pos, pos + n)
+            pos += n
+        return out
+
+    def parameters(self, model: torch.nn.Module) -> list[torch.nn.Parameter]:
+        """Return the selected parameter tensors of ``model`` in order."""
+        named = dict(model.named_parameters())
+        return [named[n] for n in self.names]
+
+    def to_dict(self) -> dict[str, object]:
+        """Plain-data form (fingerprints, manifests)."""
+        return {"how": self.how, "names": list(self.names),
+                "shapes": [list(s) for s in self.shapes]}
+
+    @contextlib.contextmanager
+    def only_selected_require_grad(self, model: torch.nn.Module) -> Iterator[None]:
+        """Within the block, exactly the selected parameters require gradients."""
+        chosen = set(self.names)
+        saved = {n: p.requires_grad for n, p in model.named_parameters()}
+        try:
+            for n, p in model.named_parameters():
+                p.requires_grad_(n in chosen)
+            yield
+        finally:
+            for n, p in model.named_parameters():
+                p.requires_grad_(saved[n])
+
+    @classmethod
+    def resolve(
+        cls, model: torch.nn.Module, spec: SelectionSpec = "auto", strict: bool = False
+    ) -> "ParameterSelection":
+        """Select parameters.
+
+        Args:
+            model: The model (a ``PeftModel`` or any torch module).
+            spec: ``"auto"`` (PEFT adapters on a PeftModel, else trainable parameters),
+                ``"peft"``, ``"trainable"``, or a list of exact names / regular expressions
+                (full match) of parameters.
+            strict: Raise instead of warning when some requested names match nothing.
+
+        Returns:
+            The selection.
+
+        Raises:
+            NoParametersError: Nothing was selected.
+            ValueError: ``spec`` is unknown, or (strict) some names matched nothing.
+        """
+        all_names = [n for n, _ in model.named_parameters()]
+        if isinstance(spec, str) and spec in ("auto", "peft", "trainable"):
+            how = spec
+            if spec == "peft" or (spec == "auto" and _is_peft(model)):
+                if not _is_peft(model):
+                    raise NoParametersError("selection='peft' (the model is not a PeftModel)",
+                                            all_names)
+                names = _peft_names(model)
+                how = "peft"
+            else:
+                names = [n for n, p in model.named_parameters() if p.requires_grad]
+                how = "trainable"
+        else:
+            patterns = [spec] if isinstance(spec, str) else list(spec)
+            names, unmatched = cls._match(all_names, patterns)
+            how = f"names={patterns}"
+            if unmatched and names:
+                msg = (f"Parameter patterns {unmatched} matched nothing (others matched "
+                       f"{len(names)} parameters). Check the names with "
+                       "`[n for n, _ in model.named_parameters()]`.")
+                if strict:
+                    raise ValueError(msg)
+                warnings.warn(msg, PartialSelectionWarning, stacklevel=2)
+        if not names:
+            raise NoParametersError(f"selection {how!r}", all_names)
+        named = dict(model.named_parameters())
+        shapes = tuple(tuple(named[n].shape) for n in names)
+        logger.info("Selected %d parameter tensors (%s).", len(names), how)
+        return cls(tuple(names), shapes, how)
+
+    @staticmethod
+    def _match(all_names: list[str], patterns: list[str]) -> tuple[list[str], list[str]]:
+        chosen: set[str] = set()
+        unmatched = []
+        for pat in patterns:
+            regex = re.compile(pat)
+            hits = {n for n in all_names if n == pat or regex.fullmatch(n)}
+            if not hits:
+                unmatched.append(pat)
+            chosen |= hits
+        return [n for n in all_names if n in chosen], unmatched

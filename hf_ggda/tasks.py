@@ -1,0 +1,419 @@
+"""The user seam: an ``AttributionTask`` turns rows into batches, per-row losses and features.
+
+A task never returns the batch-mean ``.loss`` of a Hugging Face model: every method that feeds
+gradients returns one value per row, so that a group's gradient is the gradient of the *sum* of
+its members' losses.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, Mapping, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from datasets import Dataset
+from datasets.fingerprint import Hasher
+
+from .errors import ColumnTypeError, EmptyDatasetError, MissingColumnError
+from .fingerprint import hash_json
+from .logging import get_logger
+
+logger = get_logger(__name__)
+
+#: Column holding each row's position in the dataset given by the user.
+ROW_COLUMN = "__ggda_row__"
+#: Column holding each row's group.
+GROUP_COLUMN = "group_id"
+#: Columns that preparation passes through unchanged.
+PASSTHROUGH = (ROW_COLUMN, GROUP_COLUMN)
+
+Batch = dict[str, torch.Tensor]
+
+
+def check_columns(dataset: Dataset, columns: Sequence[str], what: str = "dataset") -> None:
+    """Raise a clear error if ``dataset`` is empty or lacks one of ``columns``.
+
+    Args:
+        dataset: The dataset to check.
+        columns: Columns that must exist.
+        what: How to call the dataset in messages.
+
+    Raises:
+        EmptyDatasetError: The dataset has no rows.
+        MissingColumnError: A column is absent.
+    """
+    for col in columns:
+        if col not in dataset.column_names:
+            raise MissingColumnError(col, dataset.column_names)
+    if len(dataset) == 0:
+        raise EmptyDatasetError(what)
+
+
+def _dtype_of(dataset: Dataset, column: str) -> str:
+    feature = dataset.features[column]
+    return getattr(feature, "dtype", type(feature).__name__)
+
+
+def find_head(model: torch.nn.Module) -> torch.nn.Module:
+    """Return the output layer (classifier / score / lm_head) of a model, PEFT-wrapped or not.
+
+    Args:
+        model: A transformers model or a ``PeftModel`` around one.
+
+    Returns:
+        The module whose input is the penultimate representation.
+
+    Raises:
+        ValueError: No output layer could be found.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for name in ("classifier", "score"):
+        head = getattr(base, name, None)
+        if head is not None:
+            linears = [m for m in head.modules() if isinstance(m, torch.nn.Linear)]
+            if isinstance(head, torch.nn.Linear) or not linears:
+                return head
+            return linears[-1]
+    if hasattr(base, "get_output_embeddings") and base.get_output_embeddings() is not None:
+        return base.get_output_embeddings()
+    raise ValueError(
+        f"Cannot find the output layer of {type(base).__name__}: expected an attribute "
+        "'classifier', 'score' or output embeddings. Subclass the task and override "
+        "`output_gradient`."
+    )
+
+
+class AttributionTask(ABC):
+    """What to attribute: how rows become batches, losses, measurements and features.
+
+    Subclasses implement :meth:`prepare`, :meth:`collate` and :meth:`per_row_loss`; the rest
+    has defaults. ``feature_columns`` lists the columns :meth:`prepare` produces.
+    """
+
+    feature_columns: tuple[str, ...] = ()
+
+    @abstractmethod
+    def prepare(self, dataset: Dataset) -> Dataset:
+        """Tokenise ``dataset`` through ``Dataset.map`` (cached by fingerprint).
+
+        Args:
+            dataset: Raw rows.
+
+        Returns:
+            A dataset with ``feature_columns`` plus any passthrough columns.
+
+        Raises:
+            EmptyDatasetError: No rows.
+            MissingColumnError: A needed column is absent.
+        """
+
+    @abstractmethod
+    def collate(self, columns: Mapping[str, list[Any]]) -> Batch:
+        """Turn a slice of prepared columns into padded tensors."""
+
+    @abstractmethod
+    def per_row_loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        """Return a (B,) vector of per-row training losses (never the batch mean)."""
+
+    def measurement(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        """Return the (B,) query measurement f(q); the loss by default."""
+        return self.per_row_loss(model, batch)
+
+    def embed(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        """Return (B, h) mean-pooled last hidden states, for representation grouping."""
+        inputs = self.model_inputs(batch)
+        out = model(**inputs, output_hidden_states=True)
+        hidden = out.hidden_states[-1].float()
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+    @abstractmethod
+    def output_gradient(
+        self, model: torch.nn.Module, batch: Batch
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (error, features): d loss / d logits and the head's input, per row/token."""
+
+    def model_inputs(self, batch: Batch) -> Batch:
+        """Return the entries of ``batch`` that the model's forward takes."""
+        return {k: v for k, v in batch.items() if k != "labels"}
+
+    def config_dict(self) -> dict[str, Any]:
+        """Return the settings that change the numbers (used in fingerprints)."""
+        return {"task": type(self).__name__}
+
+    def fingerprint(self) -> str:
+        """Return a hash of :meth:`config_dict`."""
+        return hash_json(self.config_dict())
+
+
+class _TokenizerTask(AttributionTask):
+    """Shared machinery of the ready-made tasks (tokenizer, map with explicit fingerprints)."""
+
+    def __init__(self, tokenizer: Any, text_column: str, max_length: int) -> None:
+        if max_length < 1:
+            raise ValueError(f"max_length must be >= 1, got {max_length}.")
+        self.tokenizer = tokenizer
+        self.text_column = text_column
+        self.max_length = max_length
+        if tokenizer.pad_token is None:
+            if tokenizer.eos_token is None:
+                raise ValueError("The tokenizer has neither a pad nor an eos token; set one.")
+            logger.info("Tokenizer has no pad token; using its eos token for padding.")
+            tokenizer.pad_token = tokenizer.eos_token
+        self._tok_hash = Hasher.hash(tokenizer)
+
+    def config_dict(self) -> dict[str, Any]:
+        return {
+            "task": type(self).__name__,
+            "text_column": self.text_column,
+            "max_length": self.max_length,
+            "padding_side": self.tokenizer.padding_side,
+            "tokenizer": self._tok_hash,
+        }
+
+    def _check_text(self, dataset: Dataset, column: str) -> None:
+        if _dtype_of(dataset, column) not in ("string", "large_string"):
+            raise ColumnTypeError(
+                f"Column {column!r} must hold text (string), but has type "
+                f"{dataset.features[column]}. Cast or pick another text column."
+            )
+
+    def _map(self, dataset: Dataset, fn: Any) -> Dataset:
+        remove = [c for c in dataset.column_names if c not in PASSTHROUGH]
+        new_fp = hash_json([dataset._fingerprint, self.config_dict(), "prepare-v1"])
+        return dataset.map(
+            fn,
+            batched=True,
+            remove_columns=remove,
+            new_fingerprint=new_fp,
+            desc=f"Tokenising for {type(self).__name__}",
+        )
+
+    def _pad(self, columns: Mapping[str, list[Any]]) -> Batch:
+        feats = {k: columns[k] for k in ("input_ids", "attention_mask", "token_type_ids")
+                 if k in columns}
+        return dict(self.tokenizer.pad(feats, return_tensors="pt"))
+
+
+class SequenceClassificationTask(_TokenizerTask):
+    """Text (or text-pair) classification or regression with a ``*ForSequenceClassification``.
+
+    Args:
+        tokenizer: A Hugging Face tokenizer.
+        text_column: Column with the text.
+        label_column: Column with integer class labels (or floats for regression).
+        text_pair_column: Optional second text column.
+        max_length: Truncation length in tokens.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        text_column: str = "text",
+        label_column: str = "label",
+        text_pair_column: Optional[str] = None,
+        max_length: int = 128,
+    ) -> None:
+        super().__init__(tokenizer, text_column, max_length)
+        self.label_column = label_column
+        self.text_pair_column = text_pair_column
+        self.feature_columns = ("input_ids", "attention_mask", "token_type_ids", "labels")
+
+    def config_dict(self) -> dict[str, Any]:
+        cfg = super().config_dict()
+        cfg.update(label_column=self.label_column, text_pair_column=self.text_pair_column)
+        return cfg
+
+    def prepare(self, dataset: Dataset) -> Dataset:
+        cols = [self.text_column, self.label_column]
+        if self.text_pair_column:
+            cols.append(self.text_pair_column)
+        check_columns(dataset, cols)
+        for c in cols[:1] + cols[2:]:
+            self._check_text(dataset, c)
+        ltype = str(_dtype_of(dataset, self.label_column))
+        if not (ltype.startswith("int") or ltype.startswith("float") or ltype == "bool"):
+            raise ColumnTypeError(
+                f"Label column {self.label_column!r} must be integer class ids or floats, got "
+                f"{dataset.features[self.label_column]}. Encode labels with "
+                "`dataset.class_encode_column(...)`."
+            )
+        tok, text, pair, label = self.tokenizer, self.text_column, self.text_pair_column, \
+            self.label_column
+        max_length = self.max_length
+
+        def fn(rows: dict[str, list[Any]]) -> dict[str, list[Any]]:
+            args = (rows[text], rows[pair]) if pair else (rows[text],)
+            enc = dict(tok(*args, truncation=True, max_length=max_length))
+            enc.setdefault("token_type_ids", [[0] * len(x) for x in enc["input_ids"]])
+            enc["labels"] = rows[label]
+            return enc
+
+        return self._map(dataset, fn)
+
+    def collate(self, columns: Mapping[str, list[Any]]) -> Batch:
+        batch = self._pad(columns)
+        labels = torch.tensor(columns["labels"])
+        batch["labels"] = labels.long() if not labels.is_floating_point() else labels
+        return batch
+
+    def per_row_loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        logits = model(**self.model_inputs(batch)).logits
+        labels = batch["labels"]
+        if labels.is_floating_point():  # regression
+            return (logits.squeeze(-1) - labels.to(logits.dtype)) ** 2
+        return F.cross_entropy(logits, labels, reduction="none")
+
+    def margin(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        """Return (B,) margins: correct logit minus log-sum-exp of the other logits."""
+        logits = model(**self.model_inputs(batch)).logits
+        labels = batch["labels"]
+        correct = logits.gather(1, labels[:, None]).squeeze(1)
+        others = logits.scatter(1, labels[:, None], float("-inf"))
+        return correct - torch.logsumexp(others, dim=1)
+
+    def output_gradient(
+        self, model: torch.nn.Module, batch: Batch
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        captured: list[torch.Tensor] = []
+        handle = find_head(model).register_forward_hook(
+            lambda m, i, o: captured.append(i[0].detach())
+        )
+        try:
+            logits = model(**self.model_inputs(batch)).logits.detach().float()
+        finally:
+            handle.remove()
+        err = logits.softmax(-1)
+        err[torch.arange(len(err)), batch["labels"]] -= 1.0
+        return err, captured[-1].float()
+
+
+class CausalLMTask(_TokenizerTask):
+    """Causal language modelling; the loss covers target tokens only (labels -100 masked).
+
+    Either ``text_column`` (every token is a target) or ``prompt_column`` + ``response_column``
+    (only response tokens are targets; an eos token is appended to the response).
+
+    Args:
+        tokenizer: A Hugging Face tokenizer.
+        text_column: Column with full texts (used when no prompt/response columns).
+        prompt_column: Column with prompts (not trained on).
+        response_column: Column with responses (trained on).
+        max_length: Truncation length in tokens.
+        reduction: ``"mean"`` or ``"sum"`` of a row's target-token losses.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        text_column: str = "text",
+        prompt_column: Optional[str] = None,
+        response_column: Optional[str] = None,
+        max_length: int = 128,
+        reduction: str = "mean",
+    ) -> None:
+        super().__init__(tokenizer, text_column, max_length)
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}.")
+        if (prompt_column is None) != (response_column is None):
+            raise ValueError("Pass both prompt_column and response_column, or neither.")
+        self.prompt_column = prompt_column
+        self.response_column = response_column
+        self.reduction = reduction
+        self.feature_columns = ("input_ids", "attention_mask", "labels")
+
+    def config_dict(self) -> dict[str, Any]:
+        cfg = super().config_dict()
+        cfg.update(prompt_column=self.prompt_column, response_column=self.response_column,
+                   reduction=self.reduction)
+        return cfg
+
+    def prepare(self, dataset: Dataset) -> Dataset:
+        cols = ([self.prompt_column, self.response_column] if self.prompt_column
+                else [self.text_column])
+        check_columns(dataset, cols)
+        for c in cols:
+            self._check_text(dataset, c)
+        tok, max_length = self.tokenizer, self.max_length
+        prompt, response, text = self.prompt_column, self.response_column, self.text_column
+        eos = tok.eos_token or ""
+
+        def fn(rows: dict[str, list[Any]]) -> dict[str, list[Any]]:
+            if prompt is None:
+                enc = tok(rows[text], truncation=True, max_length=max_length)
+                labels = [list(ids) for ids in enc["input_ids"]]
+            else:
+                full = [p + r + eos for p, r in zip(rows[prompt], rows[response])]
+                enc = tok(full, truncation=True, max_length=max_length)
+                n_prompt = [len(x) for x in tok(rows[prompt])["input_ids"]]
+                labels = [[-100] * min(k, len(ids)) + list(ids[k:])
+                          for k, ids in zip(n_prompt, enc["input_ids"])]
+            return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"],
+                    "labels": labels}
+
+        out = self._map(dataset, fn)
+        self._check_targets(out)
+        return out
+
+    @staticmethod
+    def _check_targets(dataset: Dataset) -> None:
+        empty = [i for i, lab in enumerate(dataset["labels"])
+                 if sum(1 for t in lab[1:] if t != -100) == 0]
+        if empty:
+            raise ValueError(
+                f"Rows {empty[:20]} have no target tokens after truncation, so their loss is "
+                "undefined. Increase max_length, shorten the prompts, or drop these rows."
+            )
+
+    def collate(self, columns: Mapping[str, list[Any]]) -> Batch:
+        batch = self._pad(columns)
+        width = batch["input_ids"].shape[1]
+        labels = torch.full((len(columns["labels"]), width), -100, dtype=torch.long)
+        for i, lab in enumerate(columns["labels"]):
+            lab_t = torch.tensor(lab, dtype=torch.long)
+            if self.tokenizer.padding_side == "left":
+                labels[i, width - len(lab):] = lab_t
+            else:
+                labels[i, : len(lab)] = lab_t
+        batch["labels"] = labels
+        batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        return batch
+
+    def _token_losses(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        shift_logits = logits[:, :-1].float()
+        shift_labels = labels[:, 1:]
+        losses = F.cross_entropy(shift_logits.transpose(1, 2), shift_labels,
+                                 ignore_index=-100, reduction="none")
+        return losses
+
+    def per_row_loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        logits = model(**self.model_inputs(batch)).logits
+        losses = self._token_losses(logits, batch["labels"]).to(logits.dtype)
+        total = losses.sum(1)
+        if self.reduction == "sum":
+            return total
+        count = (batch["labels"][:, 1:] != -100).sum(1).clamp(min=1)
+        return total / count
+
+    def output_gradient(
+        self, model: torch.nn.Module, batch: Batch
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        captured: list[torch.Tensor] = []
+        handle = find_head(model).register_forward_hook(
+            lambda m, i, o: captured.append(i[0].detach())
+        )
+        try:
+            logits = model(**self.model_inputs(batch)).logits.detach().float()
+        finally:
+            handle.remove()
+        labels = batch["labels"][:, 1:]
+        err = logits[:, :-1].softmax(-1)
+        mask = labels != -100
+        err.scatter_add_(-1, labels.clamp(min=0)[..., None],
+                         -mask[..., None].to(err.dtype))
+        weight = mask.to(err.dtype)
+        if self.reduction == "mean":
+            weight = weight / mask.sum(1, keepdim=True).clamp(min=1)
+        err = err * weight[..., None]
+        return err, captured[-1][:, :-1].float()
