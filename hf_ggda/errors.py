@@ -49,10 +49,13 @@ class NoParametersError(GGDAError, ValueError):
     """The parameter selection matched nothing."""
 
     def __init__(self, how: str, names: Sequence[str]) -> None:
-        shown = list(names[:20])
-        more = f" ... and {len(names) - 20} more" if len(names) > 20 else ""
+        names = list(names)
+        if len(names) > 20:
+            shown = f"{names[:10]} ... ({len(names) - 20} more) ... {names[-10:]}"
+        else:
+            shown = str(names)
         super().__init__(
-            f"No parameters selected by {how}. The model has these parameters: {shown}{more}. "
+            f"No parameters selected by {how}. The model has these parameters: {shown}. "
             "Attach a PEFT adapter (e.g. peft.get_peft_model with a LoraConfig), unfreeze "
             "parameters and use selection='trainable', or pass names/regex that match."
         )

@@ -176,7 +176,8 @@ class GradientStore:
             raise ValueError(f"Shard {index} must have shape {expected}, got "
                              f"{tuple(gradients.shape)}.")
         t = gradients.detach().cpu().contiguous().to(getattr(torch, self.manifest["dtype"]))
-        meta = {"checksum": _checksum(t), "shard": str(index)}
+        # one metadata key: safetensors does not keep key order, and files must be bit-stable
+        meta = {"ggda": json.dumps({"checksum": _checksum(t), "shard": index}, sort_keys=True)}
         atomic_write_bytes(self.shard_path(index), st_save({"gradients": t}, metadata=meta))
         self._valid.add(index)
 
@@ -189,7 +190,7 @@ class GradientStore:
         p = self.shard_path(index)
         try:
             with safe_open(str(p), framework="pt") as fh:
-                meta = fh.metadata() or {}
+                meta = json.loads((fh.metadata() or {}).get("ggda", "{}"))
                 t = fh.get_tensor("gradients")
         except Exception as err:  # safetensors raises its own error types
             raise CorruptShardError(f"Shard {p} is missing or unreadable ({err}). Rerun the "

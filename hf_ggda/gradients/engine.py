@@ -281,6 +281,11 @@ class GradientEngine:
             batch = {k: v.to(self.device) for k, v in batch.items()}
             collector.reset()
             losses = row_fn(self.model, batch)
+            if losses.dim() != 1 or losses.shape[0] != len(rows):
+                raise ValueError(
+                    f"The task must return one loss per row, shape ({len(rows)},), got "
+                    f"{tuple(losses.shape)}. Never return the batch-mean `.loss` of a "
+                    "Hugging Face model: compute per-row losses (reduction='none').")
             bad = ~torch.isfinite(losses.detach())
             if bad.any():
                 raise NonFiniteError("loss", rows[bad.cpu().numpy()].tolist())
