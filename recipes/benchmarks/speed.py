@@ -1,0 +1,116 @@
+"""Speed of the group-gradient pass against the floor (one plain forward+backward pass).
+
+Workload: MiniLM-L6 + LoRA (query, value; r = 8; classifier head saved) over BBC News
+articles truncated to 64 tokens. Every figure is a ratio to the floor measured in the same run
+(this machine is shared and noisy; absolute seconds are printed for reference only):
+
+* floor: tokenise + one forward+backward pass over all rows (``loss.backward()`` into .grad);
+* group pass: all K group gradients through the engine (K = 16, 64, 256, random groups);
+* point pass: all n per-example gradients through the engine (vectorised, one pass).
+
+Each pass is timed ``--repeats`` times, interleaved, and the minimum is kept.
+
+Usage::
+
+    python recipes/benchmarks/speed.py [--rows 1024] [--json speed.json] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _floor_pass(model: Any, task: Any, dataset: Any, batch_size: int) -> None:
+    params = [p for p in model.parameters() if p.requires_grad]
+    prepared = task.prepare(dataset).select_columns(list(task.feature_columns))
+    model.eval()
+    for start in range(0, len(prepared), batch_size):
+        batch = task.collate(prepared[start:start + batch_size])
+        loss = task.per_row_loss(model, batch).sum()
+        loss.backward()
+    for p in params:
+        p.grad = None
+
+
+def _timed(fn: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def run(rows: int, batch_size: int, ks: list[int], repeats: int) -> dict[str, Any]:
+    """Measure the floor and the ratios of the group and point passes to it."""
+    from transformers.utils import logging as hf_logging
+
+    from hf_ggda.data import load_bbc_news, load_minilm_classifier
+    from hf_ggda.gradients import EngineConfig, GradientEngine
+    from hf_ggda.tasks import SequenceClassificationTask
+
+    hf_logging.disable_progress_bar()
+    import datasets
+
+    datasets.disable_progress_bars()
+    model, tokenizer = load_minilm_classifier(num_labels=5, lora_r=8)
+    task = SequenceClassificationTask(tokenizer, max_length=64)
+    data = load_bbc_news(limit=rows, seed=0)
+    engine = GradientEngine(model, task, config=EngineConfig(batch_size=batch_size))
+    rng = np.random.default_rng(0)
+    grouped = {k: data.add_column("group_id", rng.permutation(np.arange(rows) % k).tolist())
+               for k in ks}
+    passes: dict[str, Callable[[], Any]] = {"floor": lambda: _floor_pass(model, task, data,
+                                                                         batch_size)}
+    for k in ks:
+        passes[f"group_{k}"] = lambda k=k: engine.group_gradients(grouped[k])
+    passes["point"] = lambda: engine.per_example_gradients(data)
+    _floor_pass(model, task, data.select(range(min(rows, 2 * batch_size))), batch_size)
+    times: dict[str, list[float]] = {name: [] for name in passes}
+    for _ in range(repeats):
+        for name, fn in passes.items():
+            times[name].append(_timed(fn))
+    best = {name: min(v) for name, v in times.items()}
+    floor = best["floor"]
+    return {
+        "rows": rows, "max_length": 64, "batch_size": batch_size, "repeats": repeats,
+        "selected_params": engine.selection.numel, "threads": torch.get_num_threads(),
+        "floor_s": floor,
+        "group_pass_ratio": {str(k): best[f"group_{k}"] / floor for k in ks},
+        "point_pass_ratio": best["point"] / floor,
+        "seconds": best,
+    }
+
+
+def main() -> None:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=1024, help="BBC News articles to use.")
+    parser.add_argument("--batch-size", type=int, default=32, help="Rows per pass.")
+    parser.add_argument("--repeats", type=int, default=2, help="Timings per pass (min kept).")
+    parser.add_argument("--json", type=str, default=None, help="Write the figures here.")
+    parser.add_argument("--quick", action="store_true", help="64 rows, 1 repeat (tests).")
+    args = parser.parse_args()
+    if args.quick:
+        args.rows, args.repeats = 64, 1
+    ks = [k for k in (16, 64, 256) if k <= args.rows]
+    result = run(args.rows, args.batch_size, ks, args.repeats)
+    print(f"floor (tokenise + forward+backward, {result['rows']} rows): "
+          f"{result['floor_s']:.2f} s")
+    for k, ratio in result["group_pass_ratio"].items():
+        print(f"group pass K={k:>4}: {ratio:.3f} x floor")
+    print(f"point pass (K=n):  {result['point_pass_ratio']:.3f} x floor")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(result, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
