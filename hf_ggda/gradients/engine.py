@@ -9,14 +9,16 @@ sequence of forward+backward passes whose per-group sums come from
 from __future__ import annotations
 
 import contextlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from datasets import Dataset
 
+from ..config import ConfigMixin
 from ..errors import GroupingError, MissingColumnError, NonFiniteError
+from ..integrations.distributed import all_reduce_sum, barrier, rank_and_world
 from ..fingerprint import hash_array, hash_json, hash_model, request_fingerprint
 from ..logging import get_logger, progress
 from ..params import ParameterSelection, SelectionSpec
@@ -31,7 +33,7 @@ RowFn = Union[str, Callable[[torch.nn.Module, Batch], torch.Tensor]]
 
 
 @dataclass
-class EngineConfig:
+class EngineConfig(ConfigMixin):
     """Settings of the gradient engine.
 
     Attributes:
@@ -235,38 +237,57 @@ class GradientEngine:
 
     def _run(self, dataset: Dataset, plan: _Plan, store_path: Optional[str], overwrite: bool,
              fn: RowFn, per_example: bool, grouping: str) -> GroupGradients:
+        rank, world = rank_and_world()
         prepared = self.task.prepare(dataset)
         fp = self.fingerprint(dataset, grouping, fn)
-        store = None
-        if store_path is not None:
-            store = GradientStore.create(store_path, fp, plan.group_ids, plan.shards, self.dim,
-                                         self.dtype, overwrite=overwrite)
-        todo = store.missing_shards() if store else list(range(len(plan.shards)))
-        results: dict[int, torch.Tensor] = {}
+        store = self._open_store(store_path, fp, plan, overwrite, rank)
+        missing = store.missing_shards() if store else list(range(len(plan.shards)))
+        todo = [s for s in missing if s % world == rank]  # whole groups per process
         features = prepared.select_columns(
             [c for c in self.task.feature_columns if c in prepared.column_names])
-        row_fn = self._row_fn(fn)
         collector = GradientCollector(self.model, self.selection, self.dtype)
-        bar = progress(total=int(sum(plan.ptr[b] - plan.ptr[a] for a, b in
-                                     (plan.shards[i] for i in todo))),
-                       desc="Group gradients" if not per_example else "Per-example gradients",
+        bar = progress(total=int(sum(plan.ptr[plan.shards[i][1]] - plan.ptr[plan.shards[i][0]]
+                                     for i in todo)),
+                       desc="Per-example gradients" if per_example else "Group gradients",
                        unit="row")
+        grads = None if store else torch.zeros(len(plan.group_ids), self.dim, dtype=self.dtype,
+                                               device=self.device)
         with self.attribution_mode(), collector:
             for s in todo:
-                block = self._shard(features, plan, plan.shards[s], row_fn, collector,
-                                    per_example, bar)
+                block = self._shard(features, plan, plan.shards[s], self._row_fn(fn),
+                                    collector, per_example, bar)
                 if store is not None:
                     store.write_shard(s, block)
                 else:
-                    results[s] = block
+                    grads[plan.shards[s][0]:plan.shards[s][1]] = block
         bar.close()
+        barrier()
         if store is not None:
-            store.mark_complete()
+            if rank == 0:
+                store.mark_complete()
+            barrier()
+            store = GradientStore.open(store.path)
             grads = store.load(self.device)
         else:
-            grads = torch.cat([results[i] for i in range(len(plan.shards))])
-        sizes = np.diff(plan.ptr)
-        return GroupGradients(grads, plan.group_ids, sizes, fp)
+            grads = all_reduce_sum(grads)  # each group was computed by exactly one process
+        return GroupGradients(grads, plan.group_ids, np.diff(plan.ptr), fp)
+
+    def _open_store(self, store_path: Optional[str], fp: dict[str, Any], plan: _Plan,
+                    overwrite: bool, rank: int) -> Optional[GradientStore]:
+        """Create/resume the store; the main process writes the manifest, others wait."""
+        if store_path is None:
+            return None
+        # every process runs the same read-only check first, so a mismatch raises everywhere
+        store = GradientStore.create(store_path, fp, plan.group_ids, plan.shards, self.dim,
+                                     self.dtype, overwrite=overwrite, write=False)
+        if rank == 0:
+            store = GradientStore.create(store_path, fp, plan.group_ids, plan.shards, self.dim,
+                                         self.dtype, overwrite=overwrite)
+        barrier()
+        if rank != 0:
+            store = GradientStore.create(store_path, fp, plan.group_ids, plan.shards, self.dim,
+                                         self.dtype, overwrite=False, write=False)
+        return store
 
     def _shard(self, features: Dataset, plan: _Plan, bounds: tuple[int, int], row_fn: Callable,
                collector: GradientCollector, per_example: bool, bar: Any) -> torch.Tensor:
@@ -300,8 +321,3 @@ class GradientEngine:
                                   for r in plan.order[plan.ptr[g0 + int(g)]:
                                                       plan.ptr[g0 + int(g) + 1]]])
         return self.projector.project(out) if self.projector else out
-
-
-def config_to_dict(config: EngineConfig) -> dict[str, Any]:
-    """Plain-data form of an engine config."""
-    return asdict(config)

@@ -1,0 +1,1 @@
+"""Integrations with accelerate, transformers Trainer, the Hub and evaluate."""

@@ -1,0 +1,59 @@
+"""Multi-process (2 CPU processes, gloo) equals single-process, via accelerate.debug_launcher."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+
+from hf_ggda.gradients import EngineConfig, GradientEngine
+
+from .conftest import make_setup
+from .test_engine import grouped
+
+N_ROWS = 37
+
+
+def _free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def _worker(out_dir: str, use_store: bool) -> None:
+    from hf_ggda.integrations.distributed import rank_and_world
+
+    # forked after the parent used torch's thread pool: one thread avoids an OpenMP deadlock
+    torch.set_num_threads(1)
+
+    rank, world = rank_and_world()
+    model, task = make_setup("bert", ("classifier",))
+    engine = GradientEngine(model, task, config=EngineConfig(batch_size=4, shard_rows=6))
+    store = os.path.join(out_dir, "store") if use_store else None
+    result = engine.group_gradients(grouped(N_ROWS), store=store)
+    point = engine.per_example_gradients(grouped(N_ROWS))
+    torch.save({"group": result.gradients, "point": point.gradients, "world": world,
+                "sizes": result.sizes.tolist()}, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+@pytest.mark.parametrize("use_store", [False, True])
+def test_two_processes_equal_one(tmp_path, use_store):
+    from accelerate import debug_launcher
+
+    model, task = make_setup("bert", ("classifier",))
+    engine = GradientEngine(model, task, config=EngineConfig(batch_size=4, shard_rows=6))
+    single = engine.group_gradients(grouped(N_ROWS))
+    single_point = engine.per_example_gradients(grouped(N_ROWS))
+    os.environ["MASTER_PORT"] = _free_port()
+    debug_launcher(_worker, args=(str(tmp_path), use_store), num_processes=2)
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert got["world"] == 2
+        assert sum(got["sizes"]) == N_ROWS  # every row counted exactly once
+        torch.testing.assert_close(got["group"], single.gradients, rtol=0, atol=1e-8)
+        torch.testing.assert_close(got["point"], single_point.gradients, rtol=0, atol=1e-8)
+    if use_store:
+        shards = sorted(p.name for p in (tmp_path / "store" / "shards").iterdir())
+        assert all(name.endswith(".safetensors") for name in shards)  # no temp files left
