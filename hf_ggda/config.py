@@ -56,15 +56,28 @@ class ConfigMixin:
         return cls.from_dict(json.loads(path.read_text()))
 
     @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser, prefix: str = "") -> None:
-        """Add one ``--option`` per field, with the field's help text and default."""
+    def add_arguments(cls, parser: argparse.ArgumentParser, prefix: str = "",
+                      exclude: tuple[str, ...] = ()) -> None:
+        """Add one ``--option`` per field, with the field's help text and default.
+
+        Values land in ``prefix + field`` attributes; a flag that the parser already has gets
+        the prefix in its name too (``--m-seed``).
+        """
         hints = typing.get_type_hints(cls)
+        taken = {s for a in parser._actions for s in a.option_strings}
         for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-            flag = f"--{prefix}{f.name.replace('_', '-')}"
-            kind = _base_type(hints[f.name])
+            if f.name in exclude:
+                continue
+            flag = f"--{f.name.replace('_', '-')}"
+            if flag in taken and prefix:
+                flag = f"--{prefix.strip('_')}-{f.name.replace('_', '-')}"
+            kind, many = _base_type(hints[f.name])
             default = f.default if f.default is not dataclasses.MISSING else None
             helptext = f.metadata.get("help", "") + f" (default: {default})"
-            if kind is bool:
+            if many:
+                parser.add_argument(flag, dest=prefix + f.name, type=kind, nargs="+",
+                                    default=None, help=helptext)
+            elif kind is bool:
                 parser.add_argument(flag, dest=prefix + f.name, action=argparse.BooleanOptionalAction,
                                     default=None, help=helptext)
             else:
@@ -76,16 +89,34 @@ class ConfigMixin:
                   prefix: str = "") -> T:
         """Build from parsed options over ``base`` values (e.g. a --config file)."""
         values = dict(base or {})
+        hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):  # type: ignore[arg-type]
             v = getattr(args, prefix + f.name, None)
+            if isinstance(v, list) and len(v) == 1 and _accepts_scalar(hints[f.name]):
+                v = v[0]
             if v is not None:
                 values[f.name] = v
         names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
         return cls.from_dict({k: v for k, v in values.items() if k in names})
 
 
-def _base_type(hint: Any) -> Any:
+def _base_type(hint: Any) -> tuple[Any, bool]:
+    """Return (element type, takes a list) of a field's type hint."""
+    if typing.get_origin(hint) in (list, tuple):
+        inner = typing.get_args(hint)
+        return (inner[0] if inner and isinstance(inner[0], type) else str), True
     args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if typing.get_origin(hint) is typing.Union and len(args) == 1:
-        return args[0]
-    return hint if isinstance(hint, type) else str
+    if typing.get_origin(hint) is typing.Union:
+        lists = [a for a in args if typing.get_origin(a) in (list, tuple)]
+        if lists:
+            return _base_type(lists[0])
+        if len(args) == 1:
+            return _base_type(args[0])
+    return (hint if isinstance(hint, type) else str), False
+
+
+def _accepts_scalar(hint: Any) -> bool:
+    """Whether a list-typed field also takes a single value (e.g. ``Union[str, list[str]]``)."""
+    if typing.get_origin(hint) is not typing.Union:
+        return False
+    return any(isinstance(a, type) and a is not type(None) for a in typing.get_args(hint))

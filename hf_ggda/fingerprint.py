@@ -68,6 +68,11 @@ def hash_model(model: torch.nn.Module, selected: Iterable[str]) -> str:
         A digest that changes when any selected weight changes.
     """
     named = list(model.named_parameters()) + list(model.named_buffers())
+    # PEFT keeps the frozen original of a `modules_to_save` layer beside the trained copy; the
+    # original is not used in the forward pass (often a fresh random head), so it is skipped.
+    saved = {n.split(".modules_to_save.")[0] for n, _ in named if ".modules_to_save." in n}
+    named = [(n, t) for n, t in named
+             if not (".original_module." in n and n.split(".original_module.")[0] in saved)]
     return hash_tensors(named, full=set(selected))
 
 

@@ -24,38 +24,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from datasets import Dataset
 
 from hf_ggda.data import load_bbc_news, load_minilm_classifier
 from hf_ggda.gradients import GradientEngine
 from hf_ggda.grouping import coherence_from_gradients, get_grouper, sample_rows
 from hf_ggda.tasks import SequenceClassificationTask
-
-
-def finetune(model: torch.nn.Module, task: SequenceClassificationTask, dataset: Dataset,
-             steps: int, batch_size: int, lr: float, seed: int) -> list[float]:
-    """Train the trainable (LoRA + head) parameters with AdamW; return the batch losses."""
-    prepared = task.prepare(dataset)
-    prepared = prepared.select_columns(
-        [c for c in task.feature_columns if c in prepared.column_names])
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr)
-    gen = np.random.default_rng(seed)
-    order: list[int] = []
-    losses = []
-    model.train()
-    for _ in range(steps):
-        if len(order) < batch_size:
-            order += gen.permutation(len(prepared)).tolist()
-        rows, order = order[:batch_size], order[batch_size:]
-        batch = task.collate(prepared[rows])
-        loss = task.per_row_loss(model, batch).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    model.eval()
-    return losses
+from hf_ggda.training import finetune
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -88,7 +62,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     data = load_bbc_news(limit=args.rows, seed=args.seed)
     model, tokenizer = load_minilm_classifier(num_labels=5, lora_r=8, seed=args.seed)
     task = SequenceClassificationTask(tokenizer, max_length=args.max_length)
-    losses = finetune(model, task, data, args.steps, args.batch_size, args.lr, args.seed)
+    losses = finetune(model, task, data, args.steps, args.batch_size, args.lr, args.seed,
+                      desc=None)
     print(f"fine-tune: {args.steps} steps of {args.batch_size}, loss {np.mean(losses[:5]):.3f} -> "
           f"{np.mean(losses[-5:]):.3f} ({time.perf_counter() - t0:.0f} s incl. loading)")
     engine = GradientEngine(model, task)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from datasets import Dataset, Features, Value
 
+from ..config import ConfigMixin
 from ..errors import NotFittedError
 from ..fingerprint import hash_json, hash_model
 from ..logging import get_logger
@@ -33,7 +34,7 @@ _ASSIGN_VERSION = "group-column-v1"
 
 
 @dataclass
-class GrouperConfig:
+class GrouperConfig(ConfigMixin):
     """Settings shared by every grouper.
 
     Attributes:
@@ -49,10 +50,6 @@ class GrouperConfig:
     def __post_init__(self) -> None:
         if self.num_proc is not None and self.num_proc < 1:
             raise ValueError(f"num_proc must be >= 1 or None, got {self.num_proc}.")
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain-data form (reports)."""
-        return asdict(self)
 
     def fingerprint_dict(self) -> dict[str, Any]:
         """The settings that change the groups (fingerprints)."""

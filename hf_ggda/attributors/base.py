@@ -1,0 +1,449 @@
+"""The ``Attributor`` API shared by GGDA-TracIn, GGDA-Influence and GGDA-TRAK.
+
+Every method scores a query q against a training group G as a weighted sum over components c
+(checkpoints, ensemble members, or just the current model):
+
+    τ(G, q) = Σ_c w_c · u_c(q)ᵀ M_c⁻¹ v_c(G),
+
+where v_c(G) is the gradient of the *summed* per-row training function over G's rows (one
+pass, no per-example gradients), u_c(q) the gradient of the query measurement, and M_c⁻¹ a
+fixed linear preconditioner (identity, an inverse Hessian approximation, a TRAK kernel).
+Because the score is linear in v_c(G), score(G) = Σ_{i∈G} score({i}) and point attribution is
+the same code with singleton groups. The preconditioner is applied to the training side at fit
+time when it is closed-form, otherwise to the query side at score time (it is symmetric, so
+both give the same number).
+
+Sign convention (:data:`hf_ggda.SIGN_CONVENTION`): positive = the group helps the query.
+For loss-based methods: upweighting G by ε moves the optimum by dθ/dε = −(H + λI)⁻¹ g_G, so
+removing G (ε = −1) changes the query loss by ∇ℓ(q)ᵀ (H + λI)⁻¹ g_G. That number is the
+score: positive when removing G would raise the query's loss, i.e. when G helps the query.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from abc import ABC
+from collections import OrderedDict
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, ClassVar, ContextManager, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from datasets import Dataset
+
+from .. import SIGN_CONVENTION
+from ..config import ConfigMixin
+from ..curvature import CurvatureContext, Preconditioner
+from ..errors import GroupingError, MissingColumnError, NotFittedError
+from ..fingerprint import hash_json
+from ..gradients.engine import EngineConfig, GradientEngine, GroupGradients, RowFn
+from ..logging import get_logger
+from ..params import ParameterSelection
+from ..scores import GroupScores
+from ..tasks import GROUP_COLUMN, ROW_COLUMN, AttributionTask
+from .checkpoints import Checkpoint
+
+logger = get_logger(__name__)
+
+_ALL_QUERIES = "__ggda_all_queries__"
+_QUERY_CACHE_SIZE = 4
+
+
+@dataclass
+class AttributorConfig(ConfigMixin):
+    """Settings shared by every attributor (JSON and command-line support from
+    :class:`~hf_ggda.config.ConfigMixin`).
+
+    Attributes:
+        attributor_type: Registered name of the method (set by each subclass).
+        batch_size: Rows per forward/backward pass (does not change results).
+        selection: Parameters to attribute through ("auto", "peft", "trainable" or names /
+            regular expressions).
+        shard_rows: Target rows per gradient-store shard.
+    """
+
+    attributor_type: str = field(default="", metadata={"help": "Registered method name."})
+    batch_size: int = field(default=16, metadata={"help": "Rows per forward/backward pass."})
+    selection: Union[str, list[str]] = field(
+        default="auto", metadata={"help": "'auto', 'peft', 'trainable' or parameter names."})
+    shard_rows: int = field(default=512, metadata={"help": "Target rows per store shard."})
+
+    def __post_init__(self) -> None:
+        expected = type(self).__dataclass_fields__["attributor_type"].default
+        if self.attributor_type != expected:
+            raise ValueError(f"{type(self).__name__} has attributor_type {expected!r}, got "
+                             f"{self.attributor_type!r}.")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}.")
+        if self.shard_rows < 1:
+            raise ValueError(f"shard_rows must be >= 1, got {self.shard_rows}.")
+        if not isinstance(self.selection, (str, list, tuple)) or not self.selection:
+            raise ValueError(f"selection must be a non-empty string or list, got "
+                             f"{self.selection!r}.")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "AttributorConfig":
+        """Build a config from plain data; on the base class, the method's config class is
+        looked up from ``attributor_type`` in the registry.
+
+        Raises:
+            ValueError: Unknown attributor type or unknown keys.
+        """
+        target: type[AttributorConfig] = cls
+        if cls is AttributorConfig:
+            from .registry import ATTRIBUTOR_TYPE_TO_CONFIG_MAPPING
+
+            kind = data.get("attributor_type", "")
+            if kind not in ATTRIBUTOR_TYPE_TO_CONFIG_MAPPING:
+                raise ValueError(f"Unknown attributor_type {kind!r}; registered: "
+                                 f"{sorted(ATTRIBUTOR_TYPE_TO_CONFIG_MAPPING)}.")
+            target = ATTRIBUTOR_TYPE_TO_CONFIG_MAPPING[kind]
+        return super(AttributorConfig, target).from_dict(dict(data))  # type: ignore[misc]
+
+
+@dataclass
+class Component:
+    """One model state that scores are taken at, with its weight in the sum.
+
+    Attributes:
+        weight: w_c (a learning rate for TracIn, 1/C for an ensemble).
+        checkpoint: Weights loaded for this component (None: the model as it is).
+        seed: Projection seed of this component.
+    """
+
+    weight: float
+    checkpoint: Optional[Checkpoint] = None
+    seed: int = 0
+
+    def activate(self, model: torch.nn.Module) -> ContextManager[None]:
+        """Context in which the model holds this component's weights."""
+        return self.checkpoint.activate(model) if self.checkpoint else contextlib.nullcontext()
+
+
+@dataclass
+class _Part:
+    """What :meth:`Attributor.fit` keeps for one component."""
+
+    raw: torch.Tensor  # (K, p) group vectors of the training function
+    train: torch.Tensor  # (K, p) after the training-side transform
+    preconditioner: Optional[Preconditioner]
+    fingerprint: dict[str, Any]
+
+
+@dataclass
+class _Fit:
+    dataset: Dataset
+    group_column: str
+    group_ids: list[Any]
+    sizes: np.ndarray
+    parts: list[_Part]
+    self_scores: Optional[torch.Tensor] = None
+
+
+class Attributor(ABC):
+    """Base class: fit on training groups, score queries, self-influence, drill-down.
+
+    Args:
+        model: A transformers / PEFT model (any module the task can call).
+        task: The :class:`~hf_ggda.tasks.AttributionTask`.
+        config: The method's config (default: the config class's defaults).
+
+    Raises:
+        TypeError: ``config`` is not an instance of the method's config class.
+        NoParametersError: The parameter selection matched nothing.
+    """
+
+    config_class: ClassVar[type[AttributorConfig]] = AttributorConfig
+
+    def __init__(self, model: torch.nn.Module, task: AttributionTask,
+                 config: Optional[AttributorConfig] = None) -> None:
+        config = config if config is not None else self.config_class()
+        if not isinstance(config, self.config_class):
+            raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got "
+                            f"{type(config).__name__}.")
+        self.model = model
+        self.task = task
+        self.config = config
+        self.selection = ParameterSelection.resolve(model, config.selection)
+        self._engines: dict[int, GradientEngine] = {}
+        self._fit: Optional[_Fit] = None
+        self._components: Optional[list[Component]] = None
+        self._query_cache: OrderedDict[str, list[torch.Tensor]] = OrderedDict()
+
+    # -- hooks for subclasses ----------------------------------------------------------------
+    def build_components(self) -> list[Component]:
+        """The components c of the score sum (default: the current model, weight 1)."""
+        return [Component(1.0)]
+
+    @property
+    def components(self) -> list[Component]:
+        """The components c of the score sum (built once)."""
+        if self._components is None:
+            self._components = self.build_components()
+        return self._components
+
+    def engine_config(self, component: Component) -> EngineConfig:
+        """Engine settings for one component (default: no projection)."""
+        return EngineConfig(batch_size=self.config.batch_size, shard_rows=self.config.shard_rows)
+
+    def train_fn(self) -> RowFn:
+        """The per-row training function whose group gradients are v(G) (default: loss)."""
+        return "loss"
+
+    def query_fn(self) -> RowFn:
+        """The query measurement whose gradients are u(q) (default: the task's measurement)."""
+        return "measurement"
+
+    def self_fn(self) -> RowFn:
+        """The function a group's self-influence measures on its own rows (default: loss)."""
+        return "loss"
+
+    def fit_preconditioner(self, component: Component, engine: GradientEngine,
+                           train: Dataset, groups: GroupGradients,
+                           store: Optional[Path]) -> Optional[Preconditioner]:
+        """Fit the component's preconditioner (default: none, i.e. the identity)."""
+        return None
+
+    def postprocess(self, vectors: torch.Tensor) -> torch.Tensor:
+        """Last transform of both sides (default: none; cosine similarity normalises)."""
+        return vectors
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _engine(self, index: int, component: Component) -> GradientEngine:
+        if index not in self._engines:
+            self._engines[index] = GradientEngine(self.model, self.task, self.selection,
+                                                  self.engine_config(component))
+        return self._engines[index]
+
+    def _transform(self, part: _Part, vectors: torch.Tensor, side: str) -> torch.Tensor:
+        pre = part.preconditioner
+        if pre is not None and pre.side == side:
+            vectors = pre.apply(vectors)
+        return self.postprocess(vectors)
+
+    def _require_fit(self) -> _Fit:
+        if self._fit is None:
+            raise NotFittedError(f"{type(self).__name__} is not fitted: call "
+                                 "fit(train_dataset, group_column=...) before scoring.")
+        return self._fit
+
+    def curvature_context(self, engine: GradientEngine, train: Dataset) -> CurvatureContext:
+        """A :class:`~hf_ggda.curvature.CurvatureContext` over ``train`` for ``engine``."""
+        return CurvatureContext(engine, train)
+
+    # -- public API ------------------------------------------------------------------------
+    def fit(self, train_dataset: Dataset, group_column: str = GROUP_COLUMN,
+            store: Optional[str | os.PathLike[str]] = None,
+            overwrite: bool = False) -> "Attributor":
+        """Compute and keep the group vectors (and curvature / kernels) of the training data.
+
+        Args:
+            train_dataset: Raw training rows with a group column.
+            group_column: Column of group ids (use a row-index column for point mode).
+            store: Folder for resumable gradient stores and cached curvature (None: memory).
+            overwrite: Replace stores made for another request instead of raising.
+
+        Returns:
+            ``self``.
+
+        Raises:
+            MissingColumnError: No group column.
+            EmptyDatasetError: No rows.
+            StoreMismatchError: ``store`` holds results of another request.
+            NonFiniteError: A loss or gradient is NaN/Inf.
+        """
+        parts, ids, sizes = [], None, None
+        for c, comp in enumerate(self.components):
+            engine = self._engine(c, comp)
+            sub = None if store is None else Path(store) / f"component-{c}"
+            with comp.activate(self.model):
+                groups = engine.group_gradients(
+                    train_dataset, group_column, overwrite=overwrite, fn=self.train_fn(),
+                    store=None if sub is None else str(sub / "groups"))
+                pre = self.fit_preconditioner(comp, engine, train_dataset, groups, sub)
+                part = _Part(groups.gradients, groups.gradients, pre, groups.fingerprint)
+                part.train = self._transform(part, groups.gradients, "train")
+            if ids is not None and groups.group_ids != ids:
+                raise GroupingError("Components disagree on the group ids.")
+            ids, sizes = groups.group_ids, groups.sizes
+            parts.append(part)
+        self._fit = _Fit(train_dataset, group_column, list(ids or []), np.asarray(sizes), parts)
+        self._query_cache.clear()
+        logger.info("%s fitted on %d rows in %d groups.", type(self).__name__,
+                    len(train_dataset), len(self._fit.group_ids))
+        return self
+
+    @property
+    def group_ids(self) -> list[Any]:
+        """The fitted group ids (columns of every score matrix).
+
+        Raises:
+            NotFittedError: Not fitted.
+        """
+        return list(self._require_fit().group_ids)
+
+    @property
+    def group_sizes(self) -> np.ndarray:
+        """Rows per fitted group, in the order of :attr:`group_ids`.
+
+        Raises:
+            NotFittedError: Not fitted.
+        """
+        return self._require_fit().sizes.copy()
+
+    def _query_vectors(self, dataset: Dataset, mode: str, query_group_column: Optional[str]
+                       ) -> tuple[list[torch.Tensor], list[Any], list[dict[str, Any]]]:
+        state = self._require_fit()
+        fn = self.query_fn()
+        column = query_group_column
+        if mode == "sum":
+            if _ALL_QUERIES in dataset.column_names:
+                dataset = dataset.remove_columns(_ALL_QUERIES)
+            dataset = dataset.add_column(_ALL_QUERIES, [0] * len(dataset))
+            column = _ALL_QUERIES
+        vectors, fps, ids = [], [], []
+        for c, (comp, part) in enumerate(zip(self.components, state.parts)):
+            engine = self._engine(c, comp)
+            with comp.activate(self.model):
+                grads = engine.per_example_gradients(dataset, fn=fn) if mode == "rows" \
+                    else engine.group_gradients(dataset, column or "", fn=fn)
+                vectors.append(self._transform(part, grads.gradients, "query"))
+            fps.append(grads.fingerprint)
+            ids = list(range(len(dataset))) if mode == "rows" else \
+                (["all"] if mode == "sum" else grads.group_ids)
+        return vectors, ids, fps
+
+    def _combine(self, query: Sequence[torch.Tensor],
+                 train: Sequence[torch.Tensor]) -> torch.Tensor:
+        total: Optional[torch.Tensor] = None
+        for comp, q, t in zip(self.components, query, train):
+            term = comp.weight * (q @ t.T)
+            total = term if total is None else total + term
+        assert total is not None
+        return total
+
+    def score(self, query_dataset: Dataset, aggregate: Optional[str] = None,
+              query_group_column: Optional[str] = None,
+              self_influence: bool = False) -> GroupScores:
+        """Score every fitted group for the queries.
+
+        Args:
+            query_dataset: Raw query rows.
+            aggregate: ``"sum"`` scores the whole query set at once (its summed measurement);
+                None scores each row (or each query group).
+            query_group_column: Score query groups (sums of their rows' measurements) instead
+                of rows; one gradient pass, no per-row query gradients.
+            self_influence: Attach :meth:`self_scores` to the result.
+
+        Returns:
+            (m × K) :class:`~hf_ggda.scores.GroupScores`.
+
+        Raises:
+            NotFittedError: :meth:`fit` was not called.
+            ValueError: Bad ``aggregate`` or both ``aggregate`` and ``query_group_column``.
+            MissingColumnError: ``query_group_column`` is absent.
+        """
+        state = self._require_fit()
+        if aggregate not in (None, "sum"):
+            raise ValueError(f"aggregate must be None or 'sum', got {aggregate!r}.")
+        if aggregate and query_group_column:
+            raise ValueError("Pass either aggregate='sum' or query_group_column, not both.")
+        mode = "sum" if aggregate else ("groups" if query_group_column else "rows")
+        vectors, ids, fps = self._query_vectors(query_dataset, mode, query_group_column)
+        matrix = self._combine(vectors, [p.train for p in state.parts])
+        key = hash_json([fps, mode, query_group_column])
+        self._query_cache[key] = vectors
+        while len(self._query_cache) > _QUERY_CACHE_SIZE:
+            self._query_cache.popitem(last=False)
+        scores = GroupScores(
+            matrix=matrix.detach().cpu(), group_ids=list(state.group_ids), query_ids=ids,
+            config={**self.config.to_dict(), "selection_resolved": self.selection.how},
+            fingerprints={"train": [p.fingerprint for p in state.parts], "query": key,
+                          "query_gradients": fps},
+            sign_convention=SIGN_CONVENTION, query_mode=mode, group_column=state.group_column,
+            query_group_column=query_group_column)
+        return scores.with_self_influence(self.self_scores()) if self_influence else scores
+
+    def self_scores(self) -> torch.Tensor:
+        """Return each group's influence on its own summed loss, g_Gᵀ M⁻¹ g_G (K,).
+
+        This is the diagonal of the train-vs-train scores
+        ``score(train, query_group_column=group_column)`` (for TRAK the measured function is
+        the output function of its own rows).
+
+        Raises:
+            NotFittedError: :meth:`fit` was not called.
+        """
+        state = self._require_fit()
+        if state.self_scores is None:
+            total = torch.zeros(len(state.group_ids), dtype=state.parts[0].raw.dtype)
+            for c, (comp, part) in enumerate(zip(self.components, state.parts)):
+                with comp.activate(self.model):
+                    own = part.raw if self.self_fn() == self.train_fn() else \
+                        self._engine(c, comp).group_gradients(
+                            state.dataset, state.group_column, fn=self.self_fn()).gradients
+                    own = self._transform(part, own, "query")
+                total += comp.weight * (own * part.train).sum(1).detach().cpu()
+            state.self_scores = total
+        return state.self_scores.clone()
+
+    def refine(self, scores: GroupScores, top_k: int = 5, query_index: Optional[int] = None,
+               group_ids: Optional[Sequence[Any]] = None, row_column: Optional[str] = None,
+               query_dataset: Optional[Dataset] = None) -> GroupScores:
+        """Drill down: re-score the rows of chosen groups at point level.
+
+        Only the chosen rows get per-example gradients; the query side is reused from
+        :meth:`score` (or recomputed from ``query_dataset``).
+
+        Args:
+            scores: Scores returned by :meth:`score` of this attributor.
+            top_k: Drill into this many top groups (by ``query_index``'s scores, or summed).
+            query_index: Rank groups by this query's scores (None: summed over queries).
+            group_ids: Drill into exactly these groups instead.
+            row_column: Column of row keys for the result (default: ``__ggda_row__`` when
+                present, else row positions in the fitted dataset).
+            query_dataset: The scored queries, needed when their gradients are not cached.
+
+        Returns:
+            A copy of ``scores`` with ``point_scores`` (m × R) for the R chosen rows.
+
+        Raises:
+            NotFittedError: :meth:`fit` was not called.
+            ValueError: ``scores`` come from another fit, unknown group ids, or the query
+                gradients are neither cached nor given.
+            MissingColumnError: ``row_column`` is absent.
+        """
+        state = self._require_fit()
+        if list(scores.group_ids) != list(state.group_ids):
+            raise ValueError("These scores were not produced by this attributor's current fit.")
+        chosen = list(group_ids) if group_ids is not None else \
+            [g for g, _ in scores.top_k(query_index, top_k)]
+        unknown = set(chosen) - set(state.group_ids)
+        if unknown:
+            raise ValueError(f"Unknown group ids {sorted(map(str, unknown))[:10]}.")
+        vectors = self._query_cache.get(scores.fingerprints.get("query", ""))
+        if vectors is None:
+            if query_dataset is None:
+                raise ValueError("The query gradients of these scores are no longer cached; "
+                                 "pass query_dataset= (the rows that were scored).")
+            vectors, _, _ = self._query_vectors(query_dataset, scores.query_mode,
+                                                scores.query_group_column)
+        values = list(state.dataset[state.group_column])
+        wanted = set(chosen)
+        rows = [i for i, g in enumerate(values) if g in wanted]
+        subset = state.dataset.select(rows)
+        train = []
+        for c, (comp, part) in enumerate(zip(self.components, state.parts)):
+            with comp.activate(self.model):
+                grads = self._engine(c, comp).per_example_gradients(subset, fn=self.train_fn())
+                train.append(self._transform(part, grads.gradients, "train"))
+        point = self._combine(vectors, train).detach().cpu()
+        key = row_column or (ROW_COLUMN if ROW_COLUMN in state.dataset.column_names else None)
+        if key is not None and key not in subset.column_names:
+            raise MissingColumnError(key, subset.column_names, role="row id column")
+        keys = list(subset[key]) if key is not None else rows
+        logger.info("Drill-down: %d rows of %d groups.", len(rows), len(chosen))
+        return replace(scores, point_scores=point, point_rows=keys,
+                       point_groups=[values[i] for i in rows], point_key=key)

@@ -1,0 +1,174 @@
+"""GGDA-Influence: τ(G, q) = ∇f(q)ᵀ (H + λI)⁻¹ g_G.
+
+H is the Hessian of the summed training loss over the selected parameters, or an
+approximation: ``identity`` (grad-dot; ``cosine=True`` for grad-cosine), ``kfac`` / ``ekfac``
+(Kronecker factors per linear module, LoRA ``lora_A`` / ``lora_B`` included), ``lissa``
+(stochastic recursion with Hessian-vector products), ``datainf`` (closed-form per-module
+inverse) or ``exact`` (the full Hessian; small models). Group gradients are stored
+unprojected, since curvature lives in the parameter space (projection is allowed with the
+identity only).
+
+Sign: removing G moves the optimum by ≈ +(H + λI)⁻¹ g_G (upweighting by ε moves it by
+−ε (H + λI)⁻¹ g_G), so the query loss changes by ≈ ∇ℓ(q)ᵀ (H + λI)⁻¹ g_G = τ: positive when
+removing G would raise the query's loss, i.e. when G helps the query.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from datasets import Dataset
+
+from ..curvature import PRECONDITIONERS, Preconditioner, make_preconditioner
+from ..gradients.engine import EngineConfig, GradientEngine, GroupGradients
+from ..logging import get_logger
+from .base import Attributor, AttributorConfig, Component
+from .registry import register_attributor
+
+logger = get_logger(__name__)
+
+
+@dataclass
+class InfluenceConfig(AttributorConfig):
+    """Settings of GGDA-Influence.
+
+    Attributes:
+        preconditioner: ``identity``, ``kfac``, ``ekfac``, ``lissa``, ``datainf`` or ``exact``.
+        damping: λ added to the Hessian of the summed training loss.
+        cosine: Grad-cosine instead of grad-dot (identity only; not additive over groups).
+        projection_dim: Random projection dimension (identity only; None: exact).
+        projection_kind: ``"rademacher"`` or ``"gaussian"``.
+        seed: Projection and LiSSA sampling seed.
+        lissa_scale: LiSSA scale (None: 1.5 × (estimated λ_max + λ)).
+        lissa_depth: LiSSA recursion depth.
+        lissa_repeat: LiSSA runs averaged.
+        lissa_batch_size: Rows per sampled Hessian (None: all rows every step).
+        exact_max_dim: Largest parameter count for which the exact Hessian is formed.
+    """
+
+    attributor_type: str = field(default="influence", metadata={"help": "Method name."})
+    preconditioner: str = field(
+        default="identity",
+        metadata={"help": "identity, kfac, ekfac, lissa, datainf or exact."})
+    damping: float = field(default=0.0, metadata={"help": "Damping λ of (H + λI)⁻¹."})
+    cosine: bool = field(default=False,
+                         metadata={"help": "Grad-cosine (identity preconditioner only)."})
+    projection_dim: Optional[int] = field(
+        default=None, metadata={"help": "Projection dimension (identity only)."})
+    projection_kind: str = field(default="rademacher",
+                                 metadata={"help": "'rademacher' or 'gaussian'."})
+    seed: int = field(default=0, metadata={"help": "Projection / LiSSA sampling seed."})
+    lissa_scale: Optional[float] = field(
+        default=None, metadata={"help": "LiSSA scale (None: from a power iteration)."})
+    lissa_depth: int = field(default=100, metadata={"help": "LiSSA recursion depth."})
+    lissa_repeat: int = field(default=1, metadata={"help": "LiSSA runs averaged."})
+    lissa_batch_size: Optional[int] = field(
+        default=None, metadata={"help": "Rows per LiSSA Hessian sample (None: all)."})
+    exact_max_dim: int = field(default=4096,
+                               metadata={"help": "Max parameters for the exact Hessian."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.preconditioner not in PRECONDITIONERS:
+            raise ValueError(f"preconditioner must be one of {sorted(PRECONDITIONERS)}, got "
+                             f"{self.preconditioner!r}.")
+        if self.damping < 0:
+            raise ValueError(f"damping must be >= 0, got {self.damping}.")
+        if self.preconditioner == "datainf" and self.damping <= 0:
+            raise ValueError("The datainf preconditioner needs damping > 0.")
+        if self.preconditioner != "identity" and (self.cosine or self.projection_dim):
+            raise ValueError("cosine and projection_dim work with preconditioner='identity' "
+                             "only: curvature is computed in the unprojected parameter space.")
+        self.preconditioner_options()  # validates the LiSSA / exact settings
+        EngineConfig(projection_dim=self.projection_dim, projection_kind=self.projection_kind)
+
+    def preconditioner_options(self) -> dict[str, Any]:
+        """Constructor arguments of the chosen preconditioner.
+
+        Raises:
+            ValueError: A method-specific setting is out of range.
+        """
+        name = self.preconditioner
+        if name == "identity":
+            return {}
+        if name == "lissa":
+            opts: dict[str, Any] = dict(damping=self.damping, scale=self.lissa_scale,
+                                        depth=self.lissa_depth, repeat=self.lissa_repeat,
+                                        batch_size=self.lissa_batch_size, seed=self.seed)
+            make_preconditioner(name, **opts)
+            return opts
+        if name == "exact":
+            if self.exact_max_dim < 1:
+                raise ValueError(f"exact_max_dim must be >= 1, got {self.exact_max_dim}.")
+            return {"damping": self.damping, "max_dim": self.exact_max_dim}
+        return {"damping": self.damping}
+
+
+class InfluenceFunction(Attributor):
+    """GGDA-Influence with a choice of Hessian approximation.
+
+    Args:
+        model: The model (at the trained weights).
+        task: The attribution task.
+        config: An :class:`InfluenceConfig`.
+    """
+
+    config_class = InfluenceConfig
+    config: InfluenceConfig
+
+    def engine_config(self, component: Component) -> EngineConfig:
+        """Engine settings (projection only with the identity)."""
+        cfg = self.config
+        return EngineConfig(batch_size=cfg.batch_size, shard_rows=cfg.shard_rows,
+                            projection_dim=cfg.projection_dim,
+                            projection_kind=cfg.projection_kind, seed=cfg.seed)
+
+    def fit_preconditioner(self, component: Component, engine: GradientEngine,
+                           train: Dataset, groups: GroupGradients,
+                           store: Optional[Path]) -> Optional[Preconditioner]:
+        """Fit (or reload from ``store``) the configured preconditioner on ``train``.
+
+        Raises:
+            ValueError: The exact Hessian is too large, or non-linear parameters with K-FAC
+                and no damping.
+        """
+        name = self.config.preconditioner
+        if name == "identity":
+            return None
+        pre = make_preconditioner(name, **self.config.preconditioner_options())
+        cache = None if store is None else store / f"curvature-{name}.safetensors"
+        pre.fit_or_load(self.curvature_context(engine, train), cache)
+        return pre
+
+    def postprocess(self, vectors: torch.Tensor) -> torch.Tensor:
+        """Normalise rows to unit length for grad-cosine."""
+        if not self.config.cosine:
+            return vectors
+        return vectors / vectors.norm(dim=1, keepdim=True).clamp(min=1e-30)
+
+    @property
+    def preconditioner(self) -> Optional[Preconditioner]:
+        """The fitted preconditioner (None for the identity).
+
+        Raises:
+            NotFittedError: Not fitted.
+        """
+        return self._require_fit().parts[0].preconditioner
+
+    def inverse_hvp(self, vectors: torch.Tensor) -> torch.Tensor:
+        """Return (H + λI)⁻¹ V for (N, d) vectors in the flat parameter layout.
+
+        Raises:
+            NotFittedError: Not fitted.
+        """
+        pre = self.preconditioner
+        if pre is None:
+            return vectors
+        with self.components[0].activate(self.model):
+            return pre.apply(vectors)
+
+
+register_attributor("influence", InfluenceConfig, InfluenceFunction)

@@ -1,0 +1,89 @@
+"""Registry of attribution methods, in the style of PEFT's ``PEFT_TYPE_TO_CONFIG_MAPPING``.
+
+Each method registers its config class and attributor class under a name
+(``register_attributor``); ``get_attributor`` builds one from a name, a config dict or a
+config object.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Mapping, Union
+
+from .base import AttributorConfig
+
+if TYPE_CHECKING:
+    from .base import Attributor
+
+#: Method name -> config class.
+ATTRIBUTOR_TYPE_TO_CONFIG_MAPPING: dict[str, type[AttributorConfig]] = {}
+#: Method name -> attributor class.
+ATTRIBUTOR_TYPE_TO_ATTRIBUTOR_MAPPING: dict[str, type["Attributor"]] = {}
+
+
+def register_attributor(name: str, config_cls: type[AttributorConfig],
+                        attributor_cls: type["Attributor"]) -> None:
+    """Register a method.
+
+    Args:
+        name: The method name (the config's ``attributor_type``).
+        config_cls: Its config dataclass.
+        attributor_cls: Its attributor class.
+
+    Raises:
+        ValueError: ``name`` is taken by other classes, or the config's default
+            ``attributor_type`` is not ``name``.
+    """
+    known = ATTRIBUTOR_TYPE_TO_CONFIG_MAPPING.get(name)
+    if known is not None and (known is not config_cls or
+                              ATTRIBUTOR_TYPE_TO_ATTRIBUTOR_MAPPING[name] is not attributor_cls):
+        raise ValueError(f"Attributor type {name!r} is already registered.")
+    if config_cls().attributor_type != name:
+        raise ValueError(f"{config_cls.__name__}().attributor_type must be {name!r}.")
+    ATTRIBUTOR_TYPE_TO_CONFIG_MAPPING[name] = config_cls
+    ATTRIBUTOR_TYPE_TO_ATTRIBUTOR_MAPPING[name] = attributor_cls
+    attributor_cls.config_class = config_cls
+
+
+def get_attributor_config(config: Union[str, Mapping[str, Any]], **overrides: Any
+                          ) -> AttributorConfig:
+    """Build a config from a method name or a dict (with ``attributor_type``).
+
+    Args:
+        config: A registered name, or plain data as written by ``AttributorConfig.to_dict``.
+        **overrides: Fields to set.
+
+    Returns:
+        The config.
+
+    Raises:
+        ValueError: Unknown method or fields.
+    """
+    data = {"attributor_type": config} if isinstance(config, str) else dict(config)
+    data.update(overrides)
+    return AttributorConfig.from_dict(data)
+
+
+def get_attributor(model: Any, task: Any,
+                   config: Union[str, Mapping[str, Any], AttributorConfig],
+                   **kwargs: Any) -> "Attributor":
+    """Build an attributor.
+
+    Args:
+        model: The model.
+        task: The :class:`~hf_ggda.tasks.AttributionTask`.
+        config: A config object, a config dict, or a method name (defaults).
+        **kwargs: Extra constructor arguments of the method (e.g. in-memory checkpoints).
+
+    Returns:
+        The (unfitted) attributor.
+
+    Raises:
+        ValueError: Unknown method.
+    """
+    if not isinstance(config, AttributorConfig):
+        config = get_attributor_config(config)
+    cls = ATTRIBUTOR_TYPE_TO_ATTRIBUTOR_MAPPING.get(config.attributor_type)
+    if cls is None:
+        raise ValueError(f"Unknown attributor_type {config.attributor_type!r}; registered: "
+                         f"{sorted(ATTRIBUTOR_TYPE_TO_ATTRIBUTOR_MAPPING)}.")
+    return cls(model, task, config, **kwargs)

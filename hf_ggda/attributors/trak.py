@@ -1,0 +1,237 @@
+"""GGDA-TRAK: projected output-function features with out-to-loss weights folded into groups.
+
+With f the output function (the margin log p/(1−p) of the correct class for classifiers; the
+mean token log-odds for causal LMs), P a seeded random projection and Q_i = 1 − p_i:
+
+    φ(q) = Pᵀ∇f(q),    φ_G = Pᵀ Σ_{i∈G} Q_i ∇f_i,    τ(G, q) = φ(q)ᵀ (ΦᵀΦ + λI)⁻¹ φ_G,
+
+averaged over an ensemble of checkpoints. φ_G is one group-gradient pass of the row function
+Q_i.detach() · f_i, so no per-example gradient is formed. Since ∂ℓ_i/∂f_i = −(1 − p_i) for the
+cross-entropy, φ_G = −Pᵀ g_G: τ has the sign of the influence function with the Gauss-Newton
+kernel ΦᵀΦ as curvature, positive when G helps the query.
+
+The kernel ΦᵀΦ comes from the K group features (``kernel="group"``, the batched kernel), from
+per-example features of a seeded sample of rows scaled by n/s (``"sample"``) or from all rows
+(``"exact"``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from datasets import Dataset
+
+from ..curvature import MatrixPreconditioner, Preconditioner
+from ..gradients.engine import EngineConfig, GradientEngine, GroupGradients
+from ..logging import get_logger
+from ..tasks import AttributionTask, Batch, CausalLMTask
+from .base import Attributor, AttributorConfig, Component
+from .checkpoints import Checkpoint, CheckpointSource
+from .registry import register_attributor
+
+logger = get_logger(__name__)
+
+OutputFn = Callable[[torch.nn.Module, Batch], torch.Tensor]
+KERNELS = ("group", "sample", "exact")
+
+
+def causal_lm_token_margins(task: CausalLMTask, model: torch.nn.Module,
+                            batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return per-token log-odds of the next token and the target mask.
+
+    The log-odds of target y_t is z_y − logsumexp_{v≠y} z_v = log p_t − log(1 − p_t).
+
+    Args:
+        task: The causal LM task (labels −100 are not targets).
+        model: The model.
+        batch: A collated batch.
+
+    Returns:
+        (margins (B, T−1), mask (B, T−1) of target tokens).
+    """
+    logits = model(**task.model_inputs(batch)).logits[:, :-1]
+    labels = batch["labels"][:, 1:]
+    mask = labels != -100
+    safe = labels.clamp(min=0)[..., None]
+    correct = logits.gather(-1, safe).squeeze(-1)
+    others = logits.scatter(-1, safe, float("-inf"))
+    return correct - torch.logsumexp(others, dim=-1), mask
+
+
+def _token_reduce(values: torch.Tensor, mask: torch.Tensor, reduction: str) -> torch.Tensor:
+    total = (values * mask.to(values.dtype)).sum(1)
+    if reduction == "sum":
+        return total
+    return total / mask.sum(1).clamp(min=1).to(values.dtype)
+
+
+def causal_lm_margin(task: CausalLMTask, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """Return (B,) mean (or summed, per ``task.reduction``) target-token log-odds.
+
+    Args:
+        task: The causal LM task.
+        model: The model.
+        batch: A collated batch.
+
+    Returns:
+        The output function f of each row.
+    """
+    margins, mask = causal_lm_token_margins(task, model, batch)
+    return _token_reduce(margins, mask, task.reduction)
+
+
+class TRAKKernel(MatrixPreconditioner):
+    """(ΦᵀΦ + λI)⁻¹ in the projected feature space."""
+
+    name = "trak_kernel"
+
+
+@dataclass
+class TRAKConfig(AttributorConfig):
+    """Settings of GGDA-TRAK.
+
+    Attributes:
+        projection_dim: Feature dimension p.
+        projection_kind: ``"rademacher"`` or ``"gaussian"``.
+        seed: Projection seed (member c of the ensemble uses seed + c).
+        kernel: ``"group"``, ``"sample"`` or ``"exact"``.
+        kernel_sample_size: Rows of the ``"sample"`` kernel.
+        damping: λ of (ΦᵀΦ + λI)⁻¹ (0: pseudo-inverse).
+        checkpoints: Ensemble members (adapter folders / weight files); empty: the current
+            weights.
+    """
+
+    attributor_type: str = field(default="trak", metadata={"help": "Method name."})
+    projection_dim: int = field(default=512, metadata={"help": "Projected dimension p."})
+    projection_kind: str = field(default="rademacher",
+                                 metadata={"help": "'rademacher' or 'gaussian'."})
+    seed: int = field(default=0, metadata={"help": "Projection seed (+c for member c)."})
+    kernel: str = field(default="group", metadata={"help": "'group', 'sample' or 'exact'."})
+    kernel_sample_size: int = field(default=256,
+                                    metadata={"help": "Rows sampled for kernel='sample'."})
+    damping: float = field(default=0.0, metadata={"help": "Damping λ of the kernel."})
+    checkpoints: list[str] = field(default_factory=list,
+                                   metadata={"help": "Ensemble checkpoints (empty: current)."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, got {self.kernel!r}.")
+        if self.kernel_sample_size < 1:
+            raise ValueError(f"kernel_sample_size must be >= 1, got {self.kernel_sample_size}.")
+        if self.damping < 0:
+            raise ValueError(f"damping must be >= 0, got {self.damping}.")
+        EngineConfig(projection_dim=self.projection_dim, projection_kind=self.projection_kind)
+
+
+class TRAK(Attributor):
+    """GGDA-TRAK (ensemble over checkpoints, averaged).
+
+    Args:
+        model: The model.
+        task: The task; classification tasks need ``margin``; causal LMs use the mean token
+            log-odds.
+        config: A :class:`TRAKConfig`.
+        checkpoints: In-memory state dicts (or paths) for the ensemble instead of
+            ``config.checkpoints``.
+        output_fn: A custom output function (model, batch) -> (B,) logit of the correct
+            outcome (Q = 1 − sigmoid(f) is then used).
+
+    Raises:
+        TypeError: No output function is known for the task.
+    """
+
+    config_class = TRAKConfig
+    config: TRAKConfig
+
+    def __init__(self, model: torch.nn.Module, task: AttributionTask,
+                 config: Optional[TRAKConfig] = None,
+                 checkpoints: Optional[Sequence[CheckpointSource]] = None,
+                 output_fn: Optional[OutputFn] = None) -> None:
+        self._sources = list(checkpoints) if checkpoints is not None else None
+        self._custom_fn = output_fn
+        super().__init__(model, task, config)
+        if output_fn is None and not isinstance(task, CausalLMTask) \
+                and not callable(getattr(task, "margin", None)):
+            raise TypeError(f"{type(task).__name__} has no `margin` method; pass output_fn= "
+                            "(model, batch) -> (B,) log-odds of the correct outcome.")
+
+    def build_components(self) -> list[Component]:
+        """One equally weighted component per ensemble member, each with its own seed."""
+        sources: list[Any] = self._sources if self._sources is not None \
+            else list(self.config.checkpoints)
+        if not sources:
+            return [Component(1.0, None, self.config.seed)]
+        return [Component(1.0 / len(sources),
+                          Checkpoint(s, s if isinstance(s, str) else f"state_dict_{i}"),
+                          self.config.seed + i) for i, s in enumerate(sources)]
+
+    def engine_config(self, component: Component) -> EngineConfig:
+        """Projected engine with the component's seed."""
+        cfg = self.config
+        return EngineConfig(batch_size=cfg.batch_size, shard_rows=cfg.shard_rows,
+                            projection_dim=cfg.projection_dim,
+                            projection_kind=cfg.projection_kind, seed=component.seed)
+
+    # -- output functions ----------------------------------------------------------------------
+    def output(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        """The output function f (B,) of the rows."""
+        if self._custom_fn is not None:
+            return self._custom_fn(model, batch)
+        if isinstance(self.task, CausalLMTask):
+            return causal_lm_margin(self.task, model, batch)
+        return self.task.margin(model, batch)
+
+    def weighted_output(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        """Σ of Q.detach() · f per row, whose gradient is Σ Q ∇f (per token for causal LMs)."""
+        if self._custom_fn is None and isinstance(self.task, CausalLMTask):
+            margins, mask = causal_lm_token_margins(self.task, model, batch)
+            weighted = torch.sigmoid(-margins).detach() * margins
+            return _token_reduce(weighted, mask, self.task.reduction)
+        f = self.output(model, batch)
+        return torch.sigmoid(-f).detach() * f
+
+    def train_fn(self) -> Callable[[torch.nn.Module, Batch], torch.Tensor]:
+        """φ_G: gradients of Q-weighted outputs."""
+        return self.weighted_output
+
+    def query_fn(self) -> Callable[[torch.nn.Module, Batch], torch.Tensor]:
+        """φ(q): gradients of the output function."""
+        return self.output
+
+    def self_fn(self) -> Callable[[torch.nn.Module, Batch], torch.Tensor]:
+        """Self-influence measures the output function of the group's own rows."""
+        return self.output
+
+    # -- kernel --------------------------------------------------------------------------------
+    def fit_preconditioner(self, component: Component, engine: GradientEngine,
+                           train: Dataset, groups: GroupGradients,
+                           store: Optional[Path]) -> Optional[Preconditioner]:
+        """Build (ΦᵀΦ + λI)⁻¹ from group, sampled or all per-example features.
+
+        Raises:
+            NonFiniteError: A feature is NaN/Inf.
+        """
+        kind, n = self.config.kernel, len(train)
+        sub = None if store is None else str(store / f"kernel-{kind}")
+        if kind == "group":
+            feats, scale = groups.gradients, 1.0
+        elif kind == "exact" or self.config.kernel_sample_size >= n:
+            feats = engine.per_example_gradients(train, store=sub, fn=self.output).gradients
+            scale = 1.0
+        else:
+            size = self.config.kernel_sample_size
+            gen = torch.Generator().manual_seed(component.seed)
+            rows = sorted(torch.randperm(n, generator=gen)[:size].tolist())
+            feats = engine.per_example_gradients(train.select(rows), store=sub,
+                                                 fn=self.output).gradients
+            scale = n / size
+        kernel = TRAKKernel(self.config.damping)
+        kernel.set_matrix(scale * feats.T @ feats)
+        return kernel
+
+
+register_attributor("trak", TRAKConfig, TRAK)

@@ -1,0 +1,267 @@
+"""K-FAC and EK-FAC: Kronecker-factored curvature per tracked linear module.
+
+For a linear module y = W a (+ b) applied at every token, the gradient of the summed loss is
+Σ_tokens g aᵀ with g = ∂(Σℓ)/∂y. K-FAC ("expand" flavour, for weights shared over tokens)
+approximates the curvature of the summed loss, restricted to the module, by
+
+    H ≈ N · (S ⊗ A),    A = E[a aᵀ],  S = E[g gᵀ]  (means over the N non-padding tokens),
+
+acting on the row-major (out, in) weight matrix (a bias is an extra input column of ones).
+Both factors come from one forward + backward pass with hooks: no per-example gradient is
+formed. With eigenbases A = Q_A Λ_A Q_Aᵀ and S = Q_S Λ_S Q_Sᵀ,
+
+    (H + λI)⁻¹ G = Q_S [(Q_Sᵀ G Q_A) / (N λ_S λ_Aᵀ + λ)] Q_Aᵀ.
+
+EK-FAC (George et al. 2018) keeps the eigenbasis and replaces N λ_S λ_Aᵀ by the second moment
+of the per-row gradients in that basis, Σ_i (Q_Sᵀ G_i Q_A)², where G_i = Σ_t g_{i,t} a_{i,t}ᵀ is
+formed per row and per module from the same hooks, one batch at a time.
+
+The g here are gradients of the training loss at the true labels, so S is an empirical
+Fisher factor. Selected parameters outside linear modules (embeddings, norms, prompts) have no
+factors; they are preconditioned by λ⁻¹ (zero curvature), with a warning.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+
+from ..gradients.hooks import GradientCollector, _Tracked
+from ..logging import get_logger
+from ..tasks import Batch
+from .base import CurvatureContext, CurvatureError, Preconditioner
+
+logger = get_logger(__name__)
+
+
+@dataclass
+class _Module:
+    """One tracked linear module and its fitted eigen-factors."""
+
+    tracked: _Tracked
+    out: int
+    inp: int  # input width seen by the factor A (plus 1 for a bias column)
+    qa: Optional[torch.Tensor] = None
+    qs: Optional[torch.Tensor] = None
+    eig: Optional[torch.Tensor] = None  # (out, inp) eigenvalues of the Kronecker product
+
+    @property
+    def width(self) -> int:
+        """Input features of the module (without the bias column)."""
+        return self.inp - (1 if self.tracked.bias is not None else 0)
+
+    def augment(self, a: torch.Tensor) -> torch.Tensor:
+        """Append a column of ones for the bias; drop the inputs when W is not selected."""
+        ones = torch.ones(*a.shape[:-1], 1, dtype=a.dtype, device=a.device)
+        if self.tracked.weight is None:
+            return ones
+        return torch.cat([a, ones], -1) if self.tracked.bias is not None else a
+
+    def to_matrix(self, vectors: torch.Tensor) -> torch.Tensor:
+        """(N, d) flat vectors -> (N, out, inp) matrices [W | b] of this module."""
+        t, n = self.tracked, vectors.shape[0]
+        parts = []
+        if t.weight is not None:
+            w = vectors[:, t.weight[0]:t.weight[1]]
+            w = w.reshape(n, self.width, self.out).transpose(1, 2) if t.transposed \
+                else w.reshape(n, self.out, self.width)
+            parts.append(w)
+        if t.bias is not None:
+            parts.append(vectors[:, t.bias[0]:t.bias[1]].reshape(n, self.out, 1))
+        return torch.cat(parts, -1)
+
+    def from_matrix(self, mats: torch.Tensor, out: torch.Tensor) -> None:
+        """Write (N, out, inp) matrices back into the flat (N, d) ``out``."""
+        t, n = self.tracked, mats.shape[0]
+        if t.weight is not None:
+            w = mats[..., :self.width]
+            w = w.transpose(1, 2) if t.transposed else w
+            out[:, t.weight[0]:t.weight[1]] = w.reshape(n, -1)
+        if t.bias is not None:
+            out[:, t.bias[0]:t.bias[1]] = mats[..., -1]
+
+
+def _token_mask(a: torch.Tensor, batch: Batch) -> Optional[torch.Tensor]:
+    mask = batch.get("attention_mask")
+    if mask is not None and a.dim() == 3 and tuple(mask.shape) == tuple(a.shape[:2]):
+        return mask.reshape(-1).bool()
+    return None
+
+
+class KFAC(Preconditioner):
+    """K-FAC per tracked linear module (LoRA ``lora_A`` / ``lora_B`` included).
+
+    Args:
+        damping: λ (must be > 0 when some selected parameters are outside linear modules).
+    """
+
+    name = "kfac"
+    cacheable = True
+
+    def __init__(self, damping: float = 0.0) -> None:
+        super().__init__(damping)
+        self.modules: list[_Module] = []
+        self.fallback: list[tuple[int, int]] = []
+
+    # -- structure ----------------------------------------------------------------------------
+    def _setup(self, ctx: CurvatureContext) -> GradientCollector:
+        collector = GradientCollector(ctx.model, ctx.engine.selection, ctx.engine.dtype)
+        self.modules = []
+        for t in collector.tracked:
+            w = t.module.weight
+            out, width = (w.shape[1], w.shape[0]) if t.transposed else (w.shape[0], w.shape[1])
+            inp = (width if t.weight is not None else 0) + (1 if t.bias is not None else 0)
+            self.modules.append(_Module(t, int(out), int(inp)))
+        offsets = ctx.engine.selection.offsets()
+        self.fallback = [offsets[n] for n in collector.fallback]
+        if self.fallback:
+            if self.damping <= 0:
+                raise ValueError(f"Parameters {collector.fallback[:5]} are not in linear modules, "
+                                 f"so {self.name} has no factors for them; set damping > 0 "
+                                 "(they get λ⁻¹) or select only linear-module parameters.")
+            logger.warning("%s: %d selected tensors are outside linear modules (%s...); they are "
+                           "preconditioned by 1/damping.", self.name, len(self.fallback),
+                           collector.fallback[0])
+        return collector
+
+    def _passes(self, ctx: CurvatureContext, collector: GradientCollector,
+                desc: str) -> Iterator[tuple[Batch, list[list[tuple[torch.Tensor, torch.Tensor]]]]]:
+        """Yield (batch, per module [(a, g) per call]) for every training batch."""
+        dtype = ctx.engine.dtype
+        with ctx.differentiable(), collector:
+            for batch in ctx.batches(desc=desc):
+                collector.reset()
+                losses = ctx.engine.task.per_row_loss(ctx.model, batch)
+                if not torch.isfinite(losses.detach()).all():
+                    raise CurvatureError(f"A training loss is NaN/Inf while fitting {self.name}.")
+                outputs = [y for m in self.modules for (_, y) in m.tracked.calls]
+                grads = torch.autograd.grad(losses.sum(), outputs, allow_unused=True)
+                pos, per_module = 0, []
+                for m in self.modules:
+                    calls = []
+                    for a, _ in m.tracked.calls:
+                        g = grads[pos]
+                        pos += 1
+                        if g is not None:
+                            calls.append((a.to(dtype), g.detach().to(dtype)))
+                    per_module.append(calls)
+                yield batch, per_module
+
+    # -- fitting ------------------------------------------------------------------------------
+    def fit(self, ctx: CurvatureContext) -> None:
+        """Accumulate A and S over the training tokens and eigendecompose them.
+
+        Raises:
+            ValueError: Non-linear parameters are selected and damping is 0.
+            CurvatureError: A loss is NaN/Inf.
+        """
+        self._fit_factors(ctx, self._setup(ctx))
+        self.fitted = True
+
+    def _fit_factors(self, ctx: CurvatureContext, collector: GradientCollector) -> None:
+        dev, dtype = ctx.engine.device, ctx.engine.dtype
+        a_sum = [torch.zeros(m.inp, m.inp, dtype=dtype, device=dev) for m in self.modules]
+        s_sum = [torch.zeros(m.out, m.out, dtype=dtype, device=dev) for m in self.modules]
+        count = [0] * len(self.modules)
+        for batch, per_module in self._passes(ctx, collector, f"{self.name} factors"):
+            for i, (m, calls) in enumerate(zip(self.modules, per_module)):
+                for a, g in calls:
+                    mask = _token_mask(a, batch)
+                    a2 = m.augment(a).reshape(-1, m.inp)
+                    g2 = g.reshape(-1, m.out)
+                    if mask is not None:
+                        a2, g2 = a2[mask], g2[mask]
+                    a_sum[i] += a2.T @ a2
+                    s_sum[i] += g2.T @ g2
+                    count[i] += a2.shape[0]
+        for i, m in enumerate(self.modules):
+            n = max(count[i], 1)
+            ea, m.qa = torch.linalg.eigh(a_sum[i] / n)
+            es, m.qs = torch.linalg.eigh(s_sum[i] / n)
+            m.eig = n * torch.outer(es.clamp(min=0), ea.clamp(min=0))
+
+    # -- applying ---------------------------------------------------------------------------
+    def apply(self, vectors: torch.Tensor) -> torch.Tensor:
+        """Return (H_kfac + λI)⁻¹ V, module by module.
+
+        Raises:
+            NotFittedError: Not fitted.
+        """
+        self._require_fitted()
+        out = vectors.clone()
+        for m in self.modules:
+            assert m.qa is not None and m.qs is not None and m.eig is not None
+            mats = m.to_matrix(vectors).to(m.qa.dtype)
+            rot = m.qs.T @ mats @ m.qa
+            denom = m.eig + self.damping
+            inv = torch.where(denom > 0, 1.0 / denom.clamp(min=torch.finfo(denom.dtype).tiny),
+                              torch.zeros_like(denom))
+            m.from_matrix((m.qs @ (rot * inv) @ m.qa.T).to(vectors.dtype), out)
+        for start, stop in self.fallback:
+            out[:, start:stop] = vectors[:, start:stop] / self.damping
+        return out
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Eigenbases and eigenvalues of every module."""
+        self._require_fitted()
+        state = {}
+        for i, m in enumerate(self.modules):
+            state.update({f"{i}.qa": m.qa, f"{i}.qs": m.qs, f"{i}.eig": m.eig})
+        return state  # type: ignore[return-value]
+
+    def load_state_dict(self, ctx: CurvatureContext, state: dict[str, torch.Tensor]) -> None:
+        """Restore the factors for the modules of ``ctx``'s model.
+
+        Raises:
+            ValueError: The saved state has another number of modules or shapes.
+        """
+        self._setup(ctx)
+        if len(state) != 3 * len(self.modules):
+            raise ValueError(f"Saved {self.name} state has {len(state) // 3} modules, the model "
+                             f"has {len(self.modules)}.")
+        dev = ctx.engine.device
+        for i, m in enumerate(self.modules):
+            m.qa, m.qs, m.eig = (state[f"{i}.{k}"].to(dev) for k in ("qa", "qs", "eig"))
+            if m.eig.shape != (m.out, m.inp):
+                raise ValueError(f"Saved {self.name} factors of module {i} have shape "
+                                 f"{tuple(m.eig.shape)}, expected {(m.out, m.inp)}.")
+        self.fitted = True
+
+
+class EKFAC(KFAC):
+    """EK-FAC: K-FAC eigenbases with eigenvalues refitted from per-row gradients.
+
+    Args:
+        damping: λ.
+    """
+
+    name = "ekfac"
+
+    def fit(self, ctx: CurvatureContext) -> None:
+        """Fit K-FAC, then correct the eigenvalues in a second pass.
+
+        Raises:
+            ValueError: Non-linear parameters are selected and damping is 0.
+            CurvatureError: A loss is NaN/Inf.
+        """
+        collector = self._setup(ctx)
+        self._fit_factors(ctx, collector)
+        corrected = [torch.zeros_like(m.eig) for m in self.modules]  # type: ignore[arg-type]
+        for batch, per_module in self._passes(ctx, collector, "EK-FAC eigenvalues"):
+            rows = next(iter(batch.values())).shape[0]
+            for i, (m, calls) in enumerate(zip(self.modules, per_module)):
+                if not calls:
+                    continue
+                grad = torch.zeros(rows, m.out, m.inp, dtype=corrected[i].dtype,
+                                   device=corrected[i].device)
+                for a, g in calls:
+                    a3 = m.augment(a).reshape(rows, -1, m.inp)
+                    g3 = g.reshape(rows, -1, m.out)
+                    grad += g3.transpose(1, 2) @ a3
+                corrected[i] += ((m.qs.T @ grad @ m.qa) ** 2).sum(0)
+        for m, eig in zip(self.modules, corrected):
+            m.eig = eig
+        self.fitted = True
+

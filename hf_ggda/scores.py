@@ -1,0 +1,355 @@
+"""``GroupScores``: an (m queries × K groups) attribution matrix with its provenance.
+
+Rows of the matrix are queries (single query rows, query groups, or one summed query set),
+columns are training groups sorted by id. Every object carries the configuration that made it,
+the fingerprints of the gradients behind it and the sign convention
+(:data:`hf_ggda.SIGN_CONVENTION`: a positive score means the group helps the query).
+
+Point scores from a drill-down (:meth:`hf_ggda.attributors.Attributor.refine`) ride along: an
+(m × R) matrix for R training rows, keyed by a row-id column (or by row position in the
+dataset the attributor was fitted on).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+from datasets import Dataset, List, Value
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from . import SIGN_CONVENTION
+from .errors import MissingColumnError
+from .logging import get_logger
+from .store import atomic_write_bytes
+
+logger = get_logger(__name__)
+
+SCORES_FILE = "scores.safetensors"
+META_FILE = "scores.json"
+QUERY_MODES = ("rows", "groups", "sum")
+
+#: Names of the columns written by :meth:`GroupScores.to_dataset_columns`.
+GROUP_SCORE_COLUMN = "ggda_group_score"
+GROUP_RANK_COLUMN = "ggda_group_rank"
+SELF_INFLUENCE_COLUMN = "ggda_self_influence"
+POINT_SCORE_COLUMN = "ggda_point_score"
+#: Names of the columns written by :meth:`GroupScores.to_query_columns`.
+TOP_GROUPS_COLUMN = "ggda_top_groups"
+TOP_SCORES_COLUMN = "ggda_top_scores"
+
+
+def _plain(value: Any) -> Any:
+    """Turn numpy scalars into Python scalars (JSON, dict keys)."""
+    return value.item() if hasattr(value, "item") else value
+
+
+def _plain_list(values: Sequence[Any]) -> list[Any]:
+    return [_plain(v) for v in values]
+
+
+@dataclass
+class GroupScores:
+    """Attribution scores of K training groups for m queries.
+
+    Attributes:
+        matrix: (m, K) scores; entry (j, k) is the effect of group k on query j.
+        group_ids: The K training group ids (column order of ``matrix``).
+        query_ids: The m query ids: row positions (mode ``"rows"``), query group ids
+            (``"groups"``) or ``["all"]`` (``"sum"``).
+        config: Settings of the attributor that produced the scores.
+        fingerprints: What the numbers depend on (model, data, grouping, gradients).
+        sign_convention: Meaning of the sign (always :data:`hf_ggda.SIGN_CONVENTION`).
+        query_mode: ``"rows"``, ``"groups"`` or ``"sum"``.
+        group_column: Column of the training data holding group ids.
+        query_group_column: Column of the query data holding query groups (mode ``"groups"``).
+        self_influence: Optional (K,) self-influence of each group.
+        point_scores: Optional (m, R) point-level scores of R drilled-down training rows.
+        point_rows: The R row keys (values of ``point_key``, or row positions).
+        point_groups: The group id of each drilled-down row.
+        point_key: Column holding row keys; None means row positions in the fitted dataset.
+    """
+
+    matrix: torch.Tensor
+    group_ids: list[Any]
+    query_ids: list[Any]
+    config: dict[str, Any] = field(default_factory=dict)
+    fingerprints: dict[str, Any] = field(default_factory=dict)
+    sign_convention: str = SIGN_CONVENTION
+    query_mode: str = "rows"
+    group_column: str = "group_id"
+    query_group_column: Optional[str] = None
+    self_influence: Optional[torch.Tensor] = None
+    point_scores: Optional[torch.Tensor] = None
+    point_rows: Optional[list[Any]] = None
+    point_groups: Optional[list[Any]] = None
+    point_key: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.matrix.dim() != 2:
+            raise ValueError(f"matrix must be 2-D (queries × groups), got {self.matrix.dim()}-D.")
+        m, k = self.matrix.shape
+        if len(self.group_ids) != k:
+            raise ValueError(f"{len(self.group_ids)} group ids for {k} matrix columns.")
+        if len(self.query_ids) != m:
+            raise ValueError(f"{len(self.query_ids)} query ids for {m} matrix rows.")
+        if self.query_mode not in QUERY_MODES:
+            raise ValueError(f"query_mode must be one of {QUERY_MODES}, got {self.query_mode!r}.")
+        if self.self_influence is not None and self.self_influence.shape != (k,):
+            raise ValueError(f"self_influence must have shape ({k},), got "
+                             f"{tuple(self.self_influence.shape)}.")
+        if self.point_scores is not None:
+            r = len(self.point_rows or [])
+            if self.point_scores.shape != (m, r) or len(self.point_groups or []) != r:
+                raise ValueError(f"point_scores must have shape ({m}, {r}) with {r} row keys "
+                                 "and groups.")
+        self.group_ids = _plain_list(self.group_ids)
+        self.query_ids = _plain_list(self.query_ids)
+
+    # -- views ---------------------------------------------------------------------------------
+    @property
+    def num_queries(self) -> int:
+        """m, the number of query rows of the matrix."""
+        return int(self.matrix.shape[0])
+
+    @property
+    def num_groups(self) -> int:
+        """K, the number of training groups."""
+        return int(self.matrix.shape[1])
+
+    def aggregated(self) -> torch.Tensor:
+        """Return the (K,) scores summed over queries (the effect on the total query loss)."""
+        return self.matrix.sum(0)
+
+    def ranks(self) -> torch.Tensor:
+        """Return the (K,) rank of each group by aggregated score (1 = most helpful)."""
+        order = torch.argsort(self.aggregated(), descending=True, stable=True)
+        ranks = torch.empty_like(order)
+        ranks[order] = torch.arange(1, len(order) + 1)
+        return ranks
+
+    def group_index(self) -> dict[Any, int]:
+        """Return the map group id -> column index."""
+        return {g: i for i, g in enumerate(self.group_ids)}
+
+    def top_k(self, query_index: Optional[int] = None, k: int = 10,
+              largest: bool = True) -> list[tuple[Any, float]]:
+        """Return the ``k`` highest-scoring groups for one query (or for all queries summed).
+
+        Args:
+            query_index: Row of the matrix; None ranks by the scores summed over queries.
+            k: How many groups.
+            largest: True for the most helpful groups, False for the most harmful.
+
+        Returns:
+            (group id, score) pairs, best first.
+
+        Raises:
+            IndexError: ``query_index`` is out of range.
+            ValueError: ``k`` < 1.
+        """
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}.")
+        if query_index is None:
+            row = self.aggregated()
+        else:
+            if not -self.num_queries <= query_index < self.num_queries:
+                raise IndexError(f"query_index {query_index} is out of range for "
+                                 f"{self.num_queries} queries.")
+            row = self.matrix[query_index]
+        vals, idx = torch.topk(row, min(k, self.num_groups), largest=largest)
+        return [(self.group_ids[int(i)], float(v)) for v, i in zip(vals, idx)]
+
+    def with_self_influence(self, values: torch.Tensor) -> "GroupScores":
+        """Return a copy carrying (K,) self-influence values.
+
+        Raises:
+            ValueError: ``values`` does not have K entries.
+        """
+        return replace(self, self_influence=values.detach().to(self.matrix.dtype).cpu())
+
+    # -- columns -------------------------------------------------------------------------------
+    def to_dataset_columns(self, train: Dataset, group_column: Optional[str] = None,
+                           row_column: Optional[str] = None) -> Dataset:
+        """Add per-row attribution columns to a training dataset, aligned by group id.
+
+        Columns: ``ggda_group_score`` (the row's group score summed over queries),
+        ``ggda_group_rank`` (1 = most helpful group), ``ggda_self_influence`` (when computed)
+        and ``ggda_point_score`` (the row's own score summed over queries where a drill-down
+        ran, else None). Values follow group ids and row keys, not positions, so a shuffled
+        or filtered dataset gets the same per-row values.
+
+        Args:
+            train: Training rows with the group column.
+            group_column: Column holding group ids (default: the one used at fit time).
+            row_column: Column holding row keys for point scores (default: the one used by
+                the drill-down; when the drill-down keyed rows by position, the dataset
+                must be the fitted one, in the same order).
+
+        Returns:
+            ``train`` with the new columns (existing ones of the same name are replaced).
+
+        Raises:
+            MissingColumnError: The group (or row key) column is absent.
+            ValueError: Point scores are keyed by position but ``train`` has another length.
+        """
+        group_column = group_column or self.group_column
+        if group_column not in train.column_names:
+            raise MissingColumnError(group_column, train.column_names, role="group column")
+        index = self.group_index()
+        totals = self.aggregated().tolist()
+        ranks = self.ranks().tolist()
+        cols = [index.get(_plain(g)) for g in train[group_column]]
+        missing = sum(c is None for c in cols)
+        if missing:
+            logger.warning("%d rows belong to groups without scores; their columns are None.",
+                           missing)
+        new: dict[str, tuple[list[Any], Value]] = {
+            GROUP_SCORE_COLUMN: ([None if c is None else totals[c] for c in cols],
+                                 Value("float64")),
+            GROUP_RANK_COLUMN: ([None if c is None else int(ranks[c]) for c in cols],
+                                Value("int64")),
+        }
+        if self.self_influence is not None:
+            si = self.self_influence.tolist()
+            new[SELF_INFLUENCE_COLUMN] = ([None if c is None else si[c] for c in cols],
+                                          Value("float64"))
+        new[POINT_SCORE_COLUMN] = (self._point_column(train, row_column), Value("float64"))
+        out = train
+        for name, (values, feature) in new.items():
+            if name in out.column_names:
+                out = out.remove_columns(name)
+            out = out.add_column(name, values, feature=feature)
+        return out
+
+    def _point_column(self, train: Dataset, row_column: Optional[str]) -> list[Optional[float]]:
+        if self.point_scores is None:
+            return [None] * len(train)
+        key = row_column or self.point_key
+        totals = dict(zip(self.point_rows or [], self.point_scores.sum(0).tolist()))
+        if key is None:
+            if self.point_rows and max(self.point_rows) >= len(train):
+                raise ValueError("Point scores are keyed by row position in the fitted dataset, "
+                                 f"which is longer than this one ({len(train)} rows). Pass "
+                                 "`row_column` to the drill-down to key rows by an id column.")
+            return [totals.get(i) for i in range(len(train))]
+        if key not in train.column_names:
+            raise MissingColumnError(key, train.column_names, role="row id column")
+        return [totals.get(_plain(v)) for v in train[key]]
+
+    def to_query_columns(self, query: Dataset, k: int = 5) -> Dataset:
+        """Add each query's top-``k`` group ids and scores as columns.
+
+        Columns: ``ggda_top_groups`` (list of group ids, best first) and ``ggda_top_scores``.
+        In mode ``"groups"`` every row gets the values of its query group.
+
+        Args:
+            query: The query rows that were scored (same order in mode ``"rows"``).
+            k: Groups per query.
+
+        Returns:
+            ``query`` with the two columns.
+
+        Raises:
+            ValueError: The scores were summed over all queries, or the lengths differ.
+            MissingColumnError: The query group column is absent (mode ``"groups"``).
+        """
+        if self.query_mode == "sum":
+            raise ValueError("These scores were summed over the whole query set "
+                             "(aggregate='sum'); score with aggregate=None to get per-query "
+                             "columns.")
+        if self.query_mode == "rows":
+            if len(query) != self.num_queries:
+                raise ValueError(f"The query dataset has {len(query)} rows but the scores "
+                                 f"have {self.num_queries} queries.")
+            slots = list(range(len(query)))
+        else:
+            col = self.query_group_column or ""
+            if col not in query.column_names:
+                raise MissingColumnError(col, query.column_names, role="query group column")
+            qindex = {q: i for i, q in enumerate(self.query_ids)}
+            slots = [qindex.get(_plain(v)) for v in query[col]]
+        per_query = [self.top_k(i, k) for i in range(self.num_queries)]
+        ids = [None if s is None else [g for g, _ in per_query[s]] for s in slots]
+        vals = [None if s is None else [v for _, v in per_query[s]] for s in slots]
+        id_feature = Value("string") if any(isinstance(g, str) for g in self.group_ids) \
+            else Value("int64")
+        out = query
+        for name, values, feature in ((TOP_GROUPS_COLUMN, ids, List(id_feature)),
+                                      (TOP_SCORES_COLUMN, vals, List(Value("float64")))):
+            if name in out.column_names:
+                out = out.remove_columns(name)
+            out = out.add_column(name, values, feature=feature)
+        return out
+
+    # -- persistence ---------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str | os.PathLike[str]) -> None:
+        """Save to a folder: tensors as safetensors, everything else as JSON (atomic writes).
+
+        Args:
+            save_directory: Target folder (created if needed).
+
+        Raises:
+            OSError: The files cannot be written.
+            TypeError: ``config`` or ``fingerprints`` are not JSON-serialisable.
+        """
+        path = Path(save_directory)
+        tensors = {"matrix": self.matrix.detach().cpu().contiguous()}
+        for name in ("self_influence", "point_scores"):
+            value = getattr(self, name)
+            if value is not None:
+                tensors[name] = value.detach().cpu().contiguous()
+        meta = {
+            "group_ids": self.group_ids, "query_ids": self.query_ids, "config": self.config,
+            "fingerprints": self.fingerprints, "sign_convention": self.sign_convention,
+            "query_mode": self.query_mode, "group_column": self.group_column,
+            "query_group_column": self.query_group_column,
+            "point_rows": None if self.point_rows is None else _plain_list(self.point_rows),
+            "point_groups": None if self.point_groups is None
+            else _plain_list(self.point_groups),
+            "point_key": self.point_key, "format_version": 1,
+        }
+        atomic_write_bytes(path / SCORES_FILE, st_save(tensors))
+        atomic_write_bytes(path / META_FILE, json.dumps(meta, indent=1).encode())
+
+    @classmethod
+    def from_pretrained(cls, save_directory: str | os.PathLike[str]) -> "GroupScores":
+        """Load scores saved by :meth:`save_pretrained`.
+
+        Args:
+            save_directory: The folder.
+
+        Returns:
+            The scores.
+
+        Raises:
+            FileNotFoundError: The folder lacks the score files.
+            ValueError: The files are inconsistent.
+        """
+        path = Path(save_directory)
+        for name in (SCORES_FILE, META_FILE):
+            if not (path / name).exists():
+                raise FileNotFoundError(f"{str(path / name)!r} not found: not a folder written "
+                                        "by GroupScores.save_pretrained.")
+        tensors = st_load((path / SCORES_FILE).read_bytes())
+        meta = json.loads((path / META_FILE).read_text())
+        meta.pop("format_version", None)
+        return cls(matrix=tensors["matrix"], self_influence=tensors.get("self_influence"),
+                   point_scores=tensors.get("point_scores"), **meta)
+
+    def __repr__(self) -> str:
+        extra = []
+        if self.self_influence is not None:
+            extra.append("self_influence")
+        if self.point_scores is not None:
+            extra.append(f"point_scores[{self.point_scores.shape[1]} rows]")
+        method = self.config.get("attributor_type", "?")
+        return (f"GroupScores(method={method!r}, queries={self.num_queries} "
+                f"({self.query_mode}), groups={self.num_groups}, dtype={self.matrix.dtype}"
+                f"{', ' + ', '.join(extra) if extra else ''})")
+

@@ -1,0 +1,66 @@
+"""A small, seeded fine-tuning loop (for recipes, benchmarks and the demo).
+
+Users train with ``transformers.Trainer`` (see :mod:`hf_ggda.integrations.trainer`); this loop
+exists so that recipes can retrain many times quickly and reproducibly.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+from datasets import Dataset
+
+from .logging import progress
+from .tasks import AttributionTask
+
+
+def finetune(model: torch.nn.Module, task: AttributionTask, dataset: Dataset, steps: int,
+             batch_size: int = 16, lr: float = 1e-3, seed: int = 0,
+             weight_decay: float = 0.0, desc: Optional[str] = "Fine-tuning") -> list[float]:
+    """Train the trainable parameters (e.g. LoRA + head) with AdamW on seeded mini-batches.
+
+    Args:
+        model: The model; parameters with ``requires_grad`` are trained.
+        task: Supplies batches and per-row losses (the batch loss is their mean).
+        dataset: Raw training rows.
+        steps: Optimiser steps.
+        batch_size: Rows per step (epochs are reshuffled).
+        lr: AdamW learning rate.
+        seed: Seed of the row order (and of dropout).
+        weight_decay: AdamW weight decay.
+        desc: Progress bar label (None: no bar).
+
+    Returns:
+        The loss of every step. The model is left in eval mode.
+
+    Raises:
+        ValueError: No trainable parameters, or ``steps`` < 1.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("The model has no trainable parameters to fine-tune.")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}.")
+    prepared = task.prepare(dataset)
+    prepared = prepared.select_columns(
+        [c for c in task.feature_columns if c in prepared.column_names])
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    gen = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    order: list[int] = []
+    losses = []
+    model.train()
+    for _ in progress(range(steps), desc=desc, disable=desc is None):
+        if len(order) < batch_size:
+            order += gen.permutation(len(prepared)).tolist()
+        rows, order = order[:batch_size], order[batch_size:]
+        batch = task.collate(prepared[rows])
+        loss = task.per_row_loss(model, batch).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    model.eval()
+    return losses

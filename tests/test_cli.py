@@ -1,0 +1,71 @@
+"""The hf-ggda command: demo, group and attribute end to end on local files; clean errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from datasets import load_from_disk
+
+from hf_ggda.cli import main
+from hf_ggda.testing import tiny_lora, tiny_model, tiny_tokenizer, toy_dataset
+
+
+@pytest.fixture
+def saved_model(tmp_path):
+    tok = tiny_tokenizer("bert")
+    tiny_model("bert", len(tok)).save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    model = tiny_lora("bert", len(tok), modules_to_save=("classifier",))  # same base weights
+    model.save_pretrained(tmp_path / "adapter")
+    toy_dataset(30).save_to_disk(str(tmp_path / "train"))
+    toy_dataset(6, seed=5).to_json(str(tmp_path / "queries.jsonl"))
+    return tmp_path
+
+
+def test_demo_quick_writes_scored_dataset(tmp_path, capsys):
+    assert main(["demo", "--quick", "--output", str(tmp_path / "demo")]) == 0
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    train = load_from_disk(str(tmp_path / "demo" / "train"))
+    assert len(train) == summary["train_rows"] == 96
+    assert {"ggda_group_score", "ggda_group_rank", "ggda_self_influence"} <= \
+        set(train.column_names)
+    assert "Most helpful groups" in capsys.readouterr().out
+
+
+def test_group_then_attribute(saved_model, capsys):
+    d = saved_model
+    assert main(["group", "random", "--data", str(d / "train"), "--output", str(d / "grouped"),
+                 "--num-groups", "5", "--seed", "1"]) == 0
+    assert main(["attribute", "influence", "--model", str(d / "base"), "--adapter",
+                 str(d / "adapter"), "--train", str(d / "grouped"), "--queries",
+                 str(d / "queries.jsonl"), "--output", str(d / "out"), "--max-length", "16",
+                 "--store", str(d / "store"), "--drill-down", "1"]) == 0
+    train = load_from_disk(str(d / "out" / "train"))
+    queries = load_from_disk(str(d / "out" / "queries"))
+    assert len(train) == 30 and len(queries) == 6
+    assert len(set(train["ggda_group_rank"])) == 5
+    assert sum(v is not None for v in train["ggda_point_score"]) >= 1
+    assert all(len(t) == 5 for t in queries["ggda_top_groups"])
+    assert (d / "store").exists()
+    # self-influence reuses the same store (same request: nothing recomputed)
+    assert main(["self-influence", "influence", "--model", str(d / "base"), "--adapter",
+                 str(d / "adapter"), "--train", str(d / "grouped"), "--output",
+                 str(d / "self"), "--max-length", "16", "--store", str(d / "store")]) == 0
+    assert None not in load_from_disk(str(d / "self" / "train"))["ggda_self_influence"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["group", "random", "--data", "/nonexistent", "--output", "x"], "No dataset at"),
+    (["group", "random", "--data", "{train}", "--output", "{out}", "--num-groups", "99"],
+     "99"),
+    (["group", "column", "--data", "{train}", "--output", "{out}", "--column", "nope"],
+     "nope"),
+])
+def test_bad_input_exits_2_with_message(saved_model, capsys, argv, message):
+    argv = [a.format(train=saved_model / "train", out=saved_model / "o") for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hf-ggda: error:") and message in err
+    assert "Traceback" not in err
+    assert not (saved_model / "o").exists()  # nothing half-written
