@@ -55,7 +55,9 @@ class TaskArgs(ConfigMixin):
 
 
 def _add_io(p: argparse.ArgumentParser, queries: bool) -> None:
-    p.add_argument("--model", required=True, help="Local model folder (transformers format).")
+    p.add_argument("--model", required=True,
+                   help="Local model folder (transformers format), or 'minilm' for the "
+                        "packaged MiniLM-L6.")
     p.add_argument("--adapter", default=None, help="PEFT adapter folder to attach.")
     p.add_argument("--num-labels", type=int, default=None,
                    help="Classes of a new classification head (when the model has none).")
@@ -136,13 +138,18 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any, Any]:
 
     base = _file_options(getattr(args, "config", None))
     targs = TaskArgs.from_args(args, base)
-    model, tokenizer = load_local_model(args.model, targs.task_type, args.adapter,
-                                        args.num_labels)
+    path = args.model
+    if path == "minilm":
+        from .data import minilm_path
+
+        path = minilm_path()
+    model, tokenizer = load_local_model(path, targs.task_type, args.adapter, args.num_labels)
     return model, targs.build(tokenizer), base
 
 
 def _attribute(args: argparse.Namespace, with_queries: bool) -> None:
     from .attributors import ATTRIBUTOR_TYPE_TO_CONFIG_MAPPING, get_attributor
+    from .integrations.distributed import barrier, rank_and_world
     from .integrations.io import load_local_dataset
     from .logging import get_logger
 
@@ -154,18 +161,22 @@ def _attribute(args: argparse.Namespace, with_queries: bool) -> None:
     attributor.fit(train, group_column=args.group_column, store=args.store,
                    overwrite=args.overwrite)
     out = Path(args.output)
+    rank, _ = rank_and_world()
     if with_queries:
         queries = load_local_dataset(args.queries)
         scores = attributor.score(queries, self_influence=False)
         if args.drill_down:
             scores = attributor.refine(scores, top_k=args.drill_down, query_dataset=queries)
-        scores.to_query_columns(queries, k=args.top_k).save_to_disk(str(out / "queries"))
     else:
         scores = attributor.score(train.select(range(1)), self_influence=True)
     train_out = scores.to_dataset_columns(train, group_column=args.group_column)
-    train_out.save_to_disk(str(out / "train"))
-    scores.save_pretrained(str(out / "scores"))
-    config.save_pretrained(str(out))
+    if rank == 0:  # one writer; every process computed the same scores
+        if with_queries:
+            scores.to_query_columns(queries, k=args.top_k).save_to_disk(str(out / "queries"))
+        train_out.save_to_disk(str(out / "train"))
+        scores.save_pretrained(str(out / "scores"))
+        config.save_pretrained(str(out))
+    barrier()
     get_logger(__name__).info("Wrote %s (train/, scores/%s).", out,
                               ", queries/" if with_queries else "")
     print(f"Wrote {out}: {len(train_out)} training rows scored over "
@@ -174,6 +185,7 @@ def _attribute(args: argparse.Namespace, with_queries: bool) -> None:
 
 def _group(args: argparse.Namespace) -> None:
     from .grouping import GROUPERS, get_grouper
+    from .integrations.distributed import barrier, rank_and_world
     from .integrations.io import load_local_dataset
 
     data = load_local_dataset(args.data)
@@ -185,7 +197,9 @@ def _group(args: argparse.Namespace) -> None:
     config = GROUPERS[args.grouper].config_class.from_args(args, base, prefix="g_")
     grouper = get_grouper(args.grouper, config=config)
     grouped = grouper.assign(data, model=model, task=task)
-    grouped.save_to_disk(args.output)
+    if rank_and_world()[0] == 0:
+        grouped.save_to_disk(args.output)
+    barrier()
     report = grouper.describe()
     print(f"Wrote {args.output}: {report.num_rows} rows in {report.num_groups} groups "
           f"(sizes {report.size_min}..{report.size_max}, median {report.size_median}).")

@@ -69,6 +69,8 @@ def run_demo(output: str = "outputs/demo", quick: bool = False, num_groups: int 
     scored.save_to_disk(str(out / "train"))
     scores.to_query_columns(val, k=3).save_to_disk(str(out / "queries"))
     scores.save_pretrained(str(out / "scores"))
+    model.save_pretrained(str(out / "adapter"))  # LoRA + head, for `hf-ggda attribute`
+    val.save_to_disk(str(out / "validation"))  # the raw queries, for `hf-ggda attribute`
     summary = _summary(scores, scored, losses, num_groups, time.perf_counter() - start)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     _print(summary, out)
@@ -113,4 +115,5 @@ def _print(summary: dict[str, Any], out: Path) -> None:
             print(f"  group {g['group']:>3} ({g['label']}, {g['size']} rows) score "
                   f"{g['score']:+.4g}: {g['examples'][0]!r}")
     print(f"Wrote {out}/train (columns ggda_group_score, ggda_group_rank, "
-          f"ggda_self_influence), {out}/queries, {out}/scores, {out}/summary.json")
+          f"ggda_self_influence), {out}/queries, {out}/scores, {out}/adapter, "
+          f"{out}/validation, {out}/summary.json")

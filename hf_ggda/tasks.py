@@ -381,7 +381,9 @@ class CausalLMTask(_TokenizerTask):
         return batch
 
     def _token_losses(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        shift_logits = logits[:, :-1].float()
+        shift_logits = logits[:, :-1]
+        if shift_logits.dtype in (torch.float16, torch.bfloat16):
+            shift_logits = shift_logits.float()
         shift_labels = labels[:, 1:]
         losses = F.cross_entropy(shift_logits.transpose(1, 2), shift_labels,
                                  ignore_index=-100, reduction="none")

@@ -17,6 +17,8 @@ per-example features of a seeded sample of rows scaled by n/s (``"sample"``) or 
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -25,7 +27,7 @@ import torch
 from datasets import Dataset
 
 from ..curvature import MatrixPreconditioner, Preconditioner
-from ..gradients.engine import EngineConfig, GradientEngine, GroupGradients
+from ..gradients.engine import EngineConfig, GradientEngine, GroupGradients, fn_key
 from ..logging import get_logger
 from ..tasks import AttributionTask, Batch, CausalLMTask
 from .base import Attributor, AttributorConfig, Component
@@ -194,17 +196,25 @@ class TRAK(Attributor):
         f = self.output(model, batch)
         return torch.sigmoid(-f).detach() * f
 
+    def _keyed(self, fn: Callable[[torch.nn.Module, Batch], torch.Tensor], name: str
+               ) -> Callable[[torch.nn.Module, Batch], torch.Tensor]:
+        """``fn`` with a store-fingerprint key that names a custom output function too."""
+        keyed = functools.partial(fn)
+        custom = "margin" if self._custom_fn is None else fn_key(self._custom_fn)
+        keyed.ggda_key = f"trak.{name}[{custom}]"  # type: ignore[attr-defined]
+        return keyed
+
     def train_fn(self) -> Callable[[torch.nn.Module, Batch], torch.Tensor]:
         """φ_G: gradients of Q-weighted outputs."""
-        return self.weighted_output
+        return self._keyed(self.weighted_output, "weighted_output")
 
     def query_fn(self) -> Callable[[torch.nn.Module, Batch], torch.Tensor]:
         """φ(q): gradients of the output function."""
-        return self.output
+        return self._keyed(self.output, "output")
 
     def self_fn(self) -> Callable[[torch.nn.Module, Batch], torch.Tensor]:
         """Self-influence measures the output function of the group's own rows."""
-        return self.output
+        return self._keyed(self.output, "output")
 
     # -- kernel --------------------------------------------------------------------------------
     def fit_preconditioner(self, component: Component, engine: GradientEngine,
@@ -220,14 +230,15 @@ class TRAK(Attributor):
         if kind == "group":
             feats, scale = groups.gradients, 1.0
         elif kind == "exact" or self.config.kernel_sample_size >= n:
-            feats = engine.per_example_gradients(train, store=sub, fn=self.output).gradients
+            feats = engine.per_example_gradients(
+                train, store=sub, fn=self._keyed(self.output, "output")).gradients
             scale = 1.0
         else:
             size = self.config.kernel_sample_size
             gen = torch.Generator().manual_seed(component.seed)
             rows = sorted(torch.randperm(n, generator=gen)[:size].tolist())
             feats = engine.per_example_gradients(train.select(rows), store=sub,
-                                                 fn=self.output).gradients
+                                                 fn=self._keyed(self.output, "output")).gradients
             scale = n / size
         kernel = TRAKKernel(self.config.damping)
         kernel.set_matrix(scale * feats.T @ feats)

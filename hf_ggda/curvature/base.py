@@ -86,11 +86,7 @@ class CurvatureContext:
         bs = self.engine.config.batch_size
         starts = range(0, len(index), bs)
         for start in (progress(starts, desc=desc, unit="batch") if desc else starts):
-            chunk = index[start:start + bs]
-            cols = self.features[chunk] if len(chunk) > 1 else \
-                {k: [v] for k, v in self.features[chunk[0]].items()}
-            batch = self.engine.task.collate(cols)
-            yield {k: v.to(self.engine.device) for k, v in batch.items()}
+            yield self.engine.collate_rows(self.features, index[start:start + bs])
 
     def fingerprint(self) -> str:
         """Hash of what curvature depends on: model, selection, task and training rows."""

@@ -28,7 +28,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from ..gradients.hooks import GradientCollector, _Tracked
+from ..gradients.hooks import GradientCollector, TrackedLayer
 from ..logging import get_logger
 from ..tasks import Batch
 from .base import CurvatureContext, CurvatureError, Preconditioner
@@ -40,7 +40,7 @@ logger = get_logger(__name__)
 class _Module:
     """One tracked linear module and its fitted eigen-factors."""
 
-    tracked: _Tracked
+    tracked: TrackedLayer
     out: int
     inp: int  # input width seen by the factor A (plus 1 for a bias column)
     qa: Optional[torch.Tensor] = None

@@ -119,6 +119,20 @@ def plan_groups(values: Sequence[Any], shard_rows: int) -> _Plan:
     return _Plan(order, inverse[order], ptr, ids, shards)
 
 
+def fn_key(fn: RowFn) -> str:
+    """Name of a row function in fingerprints: its ``ggda_key`` attribute, else module.qualname.
+
+    Give a callable a ``ggda_key`` (e.g. including its settings) when two different functions
+    could share a qualified name.
+    """
+    if isinstance(fn, str):
+        return fn
+    key = getattr(fn, "ggda_key", None)
+    if key is not None:
+        return str(key)
+    return f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', repr(fn))}"
+
+
 class GradientEngine:
     """Computes group and per-example gradients of a task's per-row losses.
 
@@ -204,7 +218,7 @@ class GradientEngine:
             "projection": self.projector.config_dict() if self.projector else None,
             "dataset": dataset._fingerprint,
             "grouping": grouping,
-            "fn": fn if isinstance(fn, str) else getattr(fn, "__qualname__", repr(fn)),
+            "fn": fn_key(fn),
         })
 
     # -- internals -----------------------------------------------------------------------------
@@ -289,6 +303,12 @@ class GradientEngine:
                                          self.dtype, overwrite=False, write=False)
         return store
 
+    def collate_rows(self, features: Dataset, rows: Sequence[int]) -> Batch:
+        """Collate the given rows of prepared ``features`` into a batch on the model's device."""
+        cols = features[list(rows)] if len(rows) > 1 else \
+            {k: [v] for k, v in features[int(rows[0])].items()}
+        return {k: v.to(self.device) for k, v in self.task.collate(cols).items()}
+
     def _shard(self, features: Dataset, plan: _Plan, bounds: tuple[int, int], row_fn: Callable,
                collector: GradientCollector, per_example: bool, bar: Any) -> torch.Tensor:
         g0, g1 = bounds
@@ -297,9 +317,7 @@ class GradientEngine:
         bs = self.config.batch_size
         for start in range(r0, r1, bs):
             rows = plan.order[start:min(start + bs, r1)]
-            batch = self.task.collate(features[rows.tolist()] if len(rows) > 1
-                                      else {k: [v] for k, v in features[int(rows[0])].items()})
-            batch = {k: v.to(self.device) for k, v in batch.items()}
+            batch = self.collate_rows(features, rows.tolist())
             collector.reset()
             losses = row_fn(self.model, batch)
             if losses.dim() != 1 or losses.shape[0] != len(rows):

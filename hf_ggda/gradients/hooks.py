@@ -24,7 +24,9 @@ from ..params import ParameterSelection
 
 
 @dataclass
-class _Tracked:
+class TrackedLayer:
+    """A hooked Linear / Conv1D layer, its slices in the flat gradient, and captured calls."""
+
     module: torch.nn.Module
     transposed: bool  # Conv1D stores W as (in, out)
     weight: Optional[tuple[int, int]]  # slice in the flat vector
@@ -60,7 +62,7 @@ class GradientCollector:
         offsets = selection.offsets()
         named = dict(model.named_parameters())
         covered: set[str] = set()
-        self.tracked: list[_Tracked] = []
+        self.tracked: list[TrackedLayer] = []
         for mname, module in model.named_modules():
             if not isinstance(module, (torch.nn.Linear, Conv1D)):
                 continue
@@ -72,7 +74,7 @@ class GradientCollector:
             if w_sl is None and b_sl is None:
                 continue
             covered |= {n for n, s in ((w, w_sl), (b, b_sl)) if s is not None}
-            self.tracked.append(_Tracked(module, isinstance(module, Conv1D), w_sl, b_sl))
+            self.tracked.append(TrackedLayer(module, isinstance(module, Conv1D), w_sl, b_sl))
         self.fallback = [n for n in selection.names if n not in covered]
         self._fallback_params = [named[n] for n in self.fallback]
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -90,7 +92,7 @@ class GradientCollector:
         self._handles.clear()
 
     @staticmethod
-    def _make_hook(t: _Tracked):  # type: ignore[no-untyped-def]
+    def _make_hook(t: TrackedLayer):  # type: ignore[no-untyped-def]
         def hook(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> None:
             if output.requires_grad:
                 t.calls.append((inputs[0].detach(), output))
@@ -129,7 +131,7 @@ class GradientCollector:
         if self._fallback_params:
             self._fallback_grads(losses, grads[len(outputs):], segments, out)
 
-    def _linear_grads(self, t: _Tracked, a: torch.Tensor, go: torch.Tensor,
+    def _linear_grads(self, t: TrackedLayer, a: torch.Tensor, go: torch.Tensor,
                       segments: list[tuple[int, int, int]], out: torch.Tensor,
                       per_example: bool) -> None:
         bsz = a.shape[0]

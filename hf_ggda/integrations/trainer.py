@@ -1,0 +1,333 @@
+"""``GGDACallback``: record what TracIn needs while a ``transformers.Trainer`` trains.
+
+At every save the callback notes the ``checkpoint-N`` folder the Trainer just wrote (for a
+PEFT model it holds ``adapter_model.safetensors``; nothing is saved twice) and the learning
+rate used for step N, in ``<output_dir>/ggda_checkpoints.json`` (atomic write). Optionally it
+runs an attribution when training ends and saves the scores and the scored data::
+
+    callback = GGDACallback(task=task, train_dataset=raw_train, query_dataset=raw_queries,
+                            grouper=get_grouper("random", num_groups=8))
+    trainer = Trainer(model, args, train_dataset=tokenised, callbacks=[callback])
+    trainer.train()
+    scores = GroupScores.from_pretrained(f"{args.output_dir}/ggda_scores")
+
+The learning rate of step N is the one logged at step N in ``state.log_history`` (what
+``trainer_state.json`` holds), else the optimizer's rate read just after step N's update
+(before the scheduler moves it), else the last one logged before N.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Mapping, Optional, Union
+
+import torch
+from datasets import Dataset
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from ..attributors import AttributorConfig, TracInConfig, get_attributor, get_attributor_config
+from ..attributors.checkpoints import learning_rate_at
+from ..errors import MissingColumnError
+from ..grouping import Grouper
+from ..logging import get_logger
+from ..scores import GroupScores
+from ..store import atomic_write_bytes
+from ..tasks import GROUP_COLUMN, AttributionTask
+from .hub import save_dataset_atomic
+
+logger = get_logger(__name__)
+
+MANIFEST_NAME = "ggda_checkpoints.json"
+SCORES_DIR = "ggda_scores"
+SCORED_TRAIN_DIR = "ggda_scored_train"
+SCORED_QUERY_DIR = "ggda_scored_queries"
+MANIFEST_VERSION = 1
+_ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+
+AttributorSpec = Union[str, Mapping[str, Any], AttributorConfig]
+
+
+@dataclass
+class CheckpointRecord:
+    """One saved checkpoint in the manifest.
+
+    Attributes:
+        step: Global step N of ``checkpoint-N``.
+        path: Folder name relative to the Trainer's output_dir.
+        learning_rate: Learning rate used for step N (None if it could not be found).
+        learning_rate_source: ``"log_history"``, ``"optimizer"``, ``"log_history_before"``
+            or ``"none"``.
+        epoch: Training epoch at the save.
+        adapter: Whether the folder holds a PEFT adapter (else full weights).
+    """
+
+    step: int
+    path: str
+    learning_rate: Optional[float]
+    learning_rate_source: str
+    epoch: Optional[float]
+    adapter: bool
+
+
+def read_checkpoint_manifest(output_dir: str | Path) -> list[CheckpointRecord]:
+    """Read ``ggda_checkpoints.json`` of a Trainer output folder.
+
+    Args:
+        output_dir: The Trainer's output_dir.
+
+    Returns:
+        The records, sorted by step.
+
+    Raises:
+        FileNotFoundError: No manifest there.
+        ValueError: The manifest cannot be parsed.
+    """
+    path = Path(output_dir) / MANIFEST_NAME
+    if not path.exists():
+        raise FileNotFoundError(f"No {MANIFEST_NAME} in {str(output_dir)!r}: train with "
+                                "GGDACallback in the Trainer's callbacks.")
+    try:
+        data = json.loads(path.read_text())
+        records = [CheckpointRecord(**r) for r in data["checkpoints"]]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"{path} is not a valid {MANIFEST_NAME} ({err}).") from err
+    return sorted(records, key=lambda r: r.step)
+
+
+def tracin_config_from_manifest(output_dir: str | Path, **overrides: Any) -> TracInConfig:
+    """Build a :class:`~hf_ggda.attributors.TracInConfig` over the recorded checkpoints.
+
+    Args:
+        output_dir: The Trainer's output_dir.
+        **overrides: Other TracInConfig fields (projection, batch size, ...).
+
+    Returns:
+        A config with absolute ``checkpoints`` and their ``learning_rates``.
+
+    Raises:
+        FileNotFoundError: No manifest, or a recorded folder was deleted.
+        ValueError: A recorded learning rate is missing or the manifest is empty.
+    """
+    records = read_checkpoint_manifest(output_dir)
+    if not records:
+        raise ValueError(f"The manifest in {str(output_dir)!r} lists no checkpoints.")
+    paths = [Path(output_dir) / r.path for r in records]
+    gone = [str(p) for p in paths if not p.is_dir()]
+    if gone:
+        raise FileNotFoundError(f"Recorded checkpoints were deleted: {gone}.")
+    missing = [r.step for r in records if r.learning_rate is None]
+    if missing:
+        raise ValueError(f"No learning rate recorded for steps {missing}; pass "
+                         "learning_rates to TracInConfig yourself.")
+    rates = [float(r.learning_rate) for r in records if r.learning_rate is not None]
+    return TracInConfig(checkpoints=[str(p) for p in paths], learning_rates=rates, **overrides)
+
+
+class GGDACallback(TrainerCallback):
+    """Records checkpoints and learning rates for TracIn; optionally attributes at the end.
+
+    Without ``query_dataset`` the callback only writes the manifest. With it, at the end of
+    training it groups ``train_dataset`` (with ``grouper``, or by ``group_column``), fits the
+    attributor on the recorded checkpoints (TracIn) or on the final model (other methods),
+    scores the queries, and saves ``ggda_scores/`` (GroupScores), ``ggda_scored_train/`` and
+    ``ggda_scored_queries/`` (``save_to_disk``) in the output_dir. Under several processes
+    every process computes its share; only the main one writes files.
+
+    Args:
+        task: The attribution task (how raw rows become losses).
+        train_dataset: The *raw* training rows (the Trainer's are usually tokenised).
+        query_dataset: Raw query rows to attribute (None: record checkpoints only).
+        grouper: Assigns ``group_id`` at the end of training (None: use ``group_column``).
+        group_column: Existing group column of ``train_dataset`` when ``grouper`` is None.
+        attributor: A method name, config dict or config (default ``"tracin"``); a TracIn
+            config without checkpoints gets the recorded ones and their learning rates.
+        aggregate: ``"sum"`` to score the whole query set at once (see ``Attributor.score``).
+        query_group_column: Score query groups instead of rows.
+        top_k: Groups per query in the scored query columns.
+        store: Folder for the gradient stores (None: in memory).
+        self_influence: Also compute each group's self-influence.
+
+    Raises:
+        ValueError: ``query_dataset`` without ``task`` / ``train_dataset``, or a bad
+            attributor spec.
+        MissingColumnError: No ``grouper`` and ``train_dataset`` lacks ``group_column``.
+    """
+
+    def __init__(self, task: Optional[AttributionTask] = None,
+                 train_dataset: Optional[Dataset] = None,
+                 query_dataset: Optional[Dataset] = None, grouper: Optional[Grouper] = None,
+                 group_column: str = GROUP_COLUMN, attributor: AttributorSpec = "tracin",
+                 aggregate: Optional[str] = None, query_group_column: Optional[str] = None,
+                 top_k: int = 5, store: Optional[str] = None,
+                 self_influence: bool = False) -> None:
+        if query_dataset is not None and (task is None or train_dataset is None):
+            raise ValueError("End-of-training attribution needs task=, train_dataset= (raw "
+                             "rows) and query_dataset=.")
+        if train_dataset is not None and grouper is None and \
+                group_column not in train_dataset.column_names:
+            raise MissingColumnError(group_column, train_dataset.column_names,
+                                     role="group column (or pass grouper=)")
+        self.attributor_config = attributor if isinstance(attributor, AttributorConfig) \
+            else get_attributor_config(attributor)
+        self.task, self.train_dataset, self.query_dataset = task, train_dataset, query_dataset
+        self.grouper, self.group_column = grouper, group_column
+        self.aggregate, self.query_group_column = aggregate, query_group_column
+        self.top_k, self.store, self.self_influence = top_k, store, self_influence
+        self.records: list[CheckpointRecord] = []
+        self.scores: Optional[GroupScores] = None
+        self.scored_train: Optional[Dataset] = None
+        self._step_lr: Optional[tuple[int, float]] = None
+        self._attribution: Optional[dict[str, Any]] = None
+
+    # -- manifest ------------------------------------------------------------------------------
+    def _manifest(self, args: TrainingArguments) -> dict[str, Any]:
+        return {"format_version": MANIFEST_VERSION, "output_dir": str(args.output_dir),
+                "checkpoints": [asdict(r) for r in self.records],
+                "attribution": self._attribution}
+
+    def _write(self, args: TrainingArguments, state: TrainerState) -> None:
+        if state.is_world_process_zero:
+            atomic_write_bytes(Path(args.output_dir) / MANIFEST_NAME,
+                               json.dumps(self._manifest(args), indent=1).encode())
+
+    def _learning_rate(self, state: TrainerState) -> tuple[Optional[float], str]:
+        step = state.global_step
+        history = sorted((e for e in state.log_history
+                          if "learning_rate" in e and "step" in e), key=lambda e: e["step"])
+        exact = [e for e in history if int(e["step"]) == step]
+        if exact:
+            return float(exact[-1]["learning_rate"]), "log_history"
+        if self._step_lr is not None and self._step_lr[0] == step:
+            return self._step_lr[1], "optimizer"
+        before = learning_rate_at([e for e in history if int(e["step"]) <= step], step)
+        if before is not None:
+            return before, "log_history_before"
+        return None, "none"
+
+    # -- Trainer events --------------------------------------------------------------------
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState,
+                       control: TrainerControl, **kwargs: Any) -> None:
+        """Start a manifest, keeping records of an earlier run up to a resumed step."""
+        root = Path(args.output_dir)
+        kept: list[CheckpointRecord] = []
+        if (root / MANIFEST_NAME).exists() and state.global_step > 0:
+            try:
+                kept = [r for r in read_checkpoint_manifest(root)
+                        if r.step <= state.global_step and (root / r.path).is_dir()]
+            except ValueError as err:
+                logger.warning("Ignoring the old manifest: %s", err)
+        self.records, self._step_lr = kept, None
+        if kept:
+            logger.info("Resumed GGDA manifest with checkpoints %s.", [r.step for r in kept])
+
+    def on_optimizer_step(self, args: TrainingArguments, state: TrainerState,
+                          control: TrainerControl, **kwargs: Any) -> None:
+        """Note the learning rate just used (the scheduler has not stepped yet)."""
+        optimizer, scheduler = kwargs.get("optimizer"), kwargs.get("lr_scheduler")
+        lr: Optional[float] = None
+        if optimizer is not None and getattr(optimizer, "param_groups", None):
+            lr = float(optimizer.param_groups[0]["lr"])
+        elif scheduler is not None and hasattr(scheduler, "get_last_lr"):
+            lr = float(scheduler.get_last_lr()[0])
+        if lr is not None and math.isfinite(lr):
+            self._step_lr = (state.global_step + 1, lr)
+
+    def on_save(self, args: TrainingArguments, state: TrainerState,
+                control: TrainerControl, **kwargs: Any) -> None:
+        """Record the checkpoint just written and rewrite the manifest."""
+        root = Path(args.output_dir)
+        name = f"checkpoint-{state.global_step}"
+        folder = root / name
+        if not folder.is_dir():
+            logger.warning("Trainer saved but %s does not exist (hyper-parameter search or a "
+                           "custom save?); not recorded for TracIn.", folder)
+            return
+        lr, source = self._learning_rate(state)
+        if lr is None:
+            logger.warning("No learning rate known at step %d; set logging_steps so that "
+                           "it is logged.", state.global_step)
+        record = CheckpointRecord(step=state.global_step, path=name, learning_rate=lr,
+                                  learning_rate_source=source, epoch=state.epoch,
+                                  adapter=any((folder / f).exists() for f in _ADAPTER_FILES))
+        kept = [r for r in self.records if r.step != record.step]
+        gone = [r.step for r in kept if not (root / r.path).is_dir()]
+        if gone:
+            logger.info("Checkpoints %s were rotated away (save_total_limit); dropped from the "
+                        "TracIn manifest.", gone)
+        self.records = sorted([r for r in kept if r.step not in gone] + [record],
+                              key=lambda r: r.step)
+        self._write(args, state)
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState,
+                     control: TrainerControl, **kwargs: Any) -> None:
+        """Run the configured attribution (when a query dataset was given) and save it."""
+        self._write(args, state)
+        model = kwargs.get("model")
+        if self.query_dataset is None:
+            return
+        if model is None:
+            raise ValueError("The Trainer passed no model to on_train_end.")
+        was_training = model.training
+        model.eval()  # dropout off: per-row gradients must be deterministic
+        try:
+            self._attribute(model, args, state)
+        finally:
+            model.train(was_training)
+
+    # -- attribution ---------------------------------------------------------------------------
+    def resolved_attributor_config(self, args: TrainingArguments) -> AttributorConfig:
+        """The attributor config, with the recorded checkpoints filled in for TracIn.
+
+        Raises:
+            ValueError: A recorded checkpoint has no learning rate.
+        """
+        cfg = self.attributor_config
+        if not isinstance(cfg, TracInConfig) or cfg.checkpoints or cfg.trainer_output_dir:
+            return cfg
+        if not self.records:
+            logger.warning("No checkpoint was saved during training: TracIn uses the final "
+                           "weights only. Set save_strategy='steps' and save_steps.")
+            return cfg
+        missing = [r.step for r in self.records if r.learning_rate is None]
+        if missing:
+            raise ValueError(f"No learning rate recorded for checkpoints at steps {missing}.")
+        root = Path(args.output_dir)
+        rates = [float(r.learning_rate) for r in self.records if r.learning_rate is not None]
+        return replace(cfg, checkpoints=[str(root / r.path) for r in self.records],
+                       learning_rates=rates)
+
+    def _attribute(self, model: torch.nn.Module, args: TrainingArguments,
+                   state: TrainerState) -> None:
+        assert self.task is not None and self.train_dataset is not None
+        assert self.query_dataset is not None
+        train, column = self.train_dataset, self.group_column
+        if self.grouper is not None:
+            train = self.grouper.assign(train, model=model, task=self.task)
+            column = GROUP_COLUMN
+        config = self.resolved_attributor_config(args)
+        attributor = get_attributor(model, self.task, config)
+        attributor.fit(train, group_column=column, store=self.store)
+        scores = attributor.score(self.query_dataset, aggregate=self.aggregate,
+                                  query_group_column=self.query_group_column,
+                                  self_influence=self.self_influence)
+        self.scores = scores
+        self.scored_train = scores.to_dataset_columns(train, group_column=column)
+        root = Path(args.output_dir)
+        written = {"scores": SCORES_DIR, "scored_train": SCORED_TRAIN_DIR}
+        if state.is_world_process_zero:
+            scores.save_pretrained(root / SCORES_DIR)
+            save_dataset_atomic(self.scored_train, root / SCORED_TRAIN_DIR)
+            if scores.query_mode != "sum":
+                queries = scores.to_query_columns(self.query_dataset, k=self.top_k)
+                save_dataset_atomic(queries, root / SCORED_QUERY_DIR)
+                written["scored_queries"] = SCORED_QUERY_DIR
+        self._attribution = {"method": config.attributor_type, "step": state.global_step,
+                             "num_groups": scores.num_groups,
+                             "num_queries": scores.num_queries, **written}
+        self._write(args, state)
+        logger.info("GGDA %s at step %d: %d queries x %d groups saved in %s.",
+                    config.attributor_type, state.global_step, scores.num_queries,
+                    scores.num_groups, root / SCORES_DIR)
