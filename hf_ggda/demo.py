@@ -45,6 +45,7 @@ def run_demo(output: str = "outputs/demo", quick: bool = False, num_groups: int 
     from .attributors import InfluenceConfig, InfluenceFunction
     from .data import load_bbc_news, load_minilm_classifier
     from .grouping import get_grouper
+    from .integrations.cards import write_attribution_card
     from .tasks import SequenceClassificationTask
     from .training import finetune
 
@@ -71,6 +72,9 @@ def run_demo(output: str = "outputs/demo", quick: bool = False, num_groups: int 
     scores.save_pretrained(str(out / "scores"))
     model.save_pretrained(str(out / "adapter"))  # LoRA + head, for `hf-ggda attribute`
     val.save_to_disk(str(out / "validation"))  # the raw queries, for `hf-ggda attribute`
+    write_attribution_card(out / "card", scores, scored, model=model, query_dataset=val,
+                           grouping=f"grad-kmeans (per class, K = {num_groups})",
+                           pretty_name="BBC News attribution (hf_ggda demo)")
     summary = _summary(scores, scored, losses, num_groups, time.perf_counter() - start)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     _print(summary, out)
@@ -116,4 +120,4 @@ def _print(summary: dict[str, Any], out: Path) -> None:
                   f"{g['score']:+.4g}: {g['examples'][0]!r}")
     print(f"Wrote {out}/train (columns ggda_group_score, ggda_group_rank, "
           f"ggda_self_influence), {out}/queries, {out}/scores, {out}/adapter, "
-          f"{out}/validation, {out}/summary.json")
+          f"{out}/validation, {out}/card (README.md + plots), {out}/summary.json")
