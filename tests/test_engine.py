@@ -41,6 +41,19 @@ def test_per_example_and_group_gradients_match_loop(arch):
                                rtol=1e-6, atol=1e-12)
 
 
+def test_many_small_groups_per_batch(bert_setup):
+    """Batches holding >= 4 groups take the bmm + index_add path; still exact."""
+    model, task = bert_setup
+    ds = toy_dataset(37)
+    ds = ds.add_column("group_id", [i // 2 for i in range(37)])  # pairs and a singleton
+    engine = GradientEngine(model, task, config=EngineConfig(batch_size=8))
+    ref = loop_gradients(model, task, ds, engine.selection.parameters(model))
+    group = engine.group_gradients(ds)
+    torch.testing.assert_close(group.gradients, group_sums(ref, group.group_ids,
+                                                           ds["group_id"]),
+                               rtol=1e-6, atol=1e-12)
+
+
 @pytest.mark.parametrize("batch_size", [1, 3, 8])
 def test_batch_size_and_row_order_do_not_change_results(bert_setup, batch_size):
     model, task = bert_setup

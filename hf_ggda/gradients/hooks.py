@@ -4,8 +4,10 @@ For a linear map y = a Wᵀ + b applied at every token, the gradient of a sum of
 Σ_rows Σ_tokens (∂ℓ/∂y) ⊗ a. Forward hooks keep each tracked layer's input ``a`` and output
 ``y``; one ``torch.autograd.grad`` call returns ∂(Σℓ)/∂y for every tracked output (autograd
 computes no weight gradients at all), and the weight gradient of each *group* is then a single
-matmul over that group's rows — so the cost is the one forward+backward pass, and per-example
-gradients are never formed unless asked for (point mode, where it is one ``bmm``).
+matmul over that group's rows — so the cost is the one forward+backward pass. When a batch
+holds many small groups (4 or more), a single ``bmm`` of the batch's row gradients summed into
+the groups is faster; those row gradients are transient (one batch, one layer, capped at 64 MB)
+and never stored. Point mode is that ``bmm`` with one group per row.
 
 Selected parameters that do not belong to a tracked layer (embeddings, norms, prompt vectors)
 go through autograd directly: summed when the batch holds one group, or as a vmapped backward
@@ -21,6 +23,12 @@ import torch
 from transformers.pytorch_utils import Conv1D
 
 from ..params import ParameterSelection
+
+
+#: From this many groups in a batch on, row gradients are formed by one bmm (when small).
+_MANY_SEGMENTS = 4
+#: Largest transient (rows × out × in) of that bmm, in elements (64 MB of float32).
+_MAX_TRANSIENT = 16 * 1024 * 1024
 
 
 @dataclass
@@ -137,14 +145,19 @@ class GradientCollector:
         bsz = a.shape[0]
         a = a.reshape(bsz, -1, a.shape[-1]).to(self.dtype)
         go = go.reshape(bsz, -1, go.shape[-1]).to(self.dtype)
-        if per_example and len(segments) == bsz:
-            idx = torch.tensor([s for s, _, _ in segments], device=out.device)
+        many = len(segments) >= _MANY_SEGMENTS
+        if (per_example and len(segments) == bsz) or \
+                (many and bsz * a.shape[-1] * go.shape[-1] <= _MAX_TRANSIENT):
+            # one bmm of within-batch row gradients, summed into the slots; transient only
+            slot_of_row = torch.empty(bsz, dtype=torch.long, device=out.device)
+            for slot, s, e in segments:
+                slot_of_row[s:e] = slot
             if t.weight is not None:
                 gw = torch.bmm(a.transpose(1, 2), go) if t.transposed \
                     else torch.bmm(go.transpose(1, 2), a)
-                out[idx, t.weight[0]:t.weight[1]] += gw.reshape(bsz, -1)
+                out[:, t.weight[0]:t.weight[1]].index_add_(0, slot_of_row, gw.reshape(bsz, -1))
             if t.bias is not None:
-                out[idx, t.bias[0]:t.bias[1]] += go.sum(1)
+                out[:, t.bias[0]:t.bias[1]].index_add_(0, slot_of_row, go.sum(1))
             return
         for slot, s, e in segments:
             a_s = a[s:e].reshape(-1, a.shape[-1])
