@@ -179,8 +179,9 @@ def _attribute(args: argparse.Namespace, with_queries: bool) -> None:
     barrier()
     get_logger(__name__).info("Wrote %s (train/, scores/%s).", out,
                               ", queries/" if with_queries else "")
-    print(f"Wrote {out}: {len(train_out)} training rows scored over "
-          f"{len(attributor.group_ids)} groups.")
+    if rank == 0:
+        print(f"Wrote {out}: {len(train_out)} training rows scored over "
+              f"{len(attributor.group_ids)} groups.")
 
 
 def _group(args: argparse.Namespace) -> None:
@@ -201,8 +202,10 @@ def _group(args: argparse.Namespace) -> None:
         grouped.save_to_disk(args.output)
     barrier()
     report = grouper.describe()
-    print(f"Wrote {args.output}: {report.num_rows} rows in {report.num_groups} groups "
-          f"(sizes {report.size_min}..{report.size_max}, median {report.size_median}).")
+    if rank_and_world()[0] == 0:
+        print(f"Wrote {args.output}: {report.num_rows} rows in {report.num_groups} groups "
+              f"(sizes {report.size_min}..{report.size_max}, median "
+              f"{report.size_median}).")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

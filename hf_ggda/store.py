@@ -114,6 +114,8 @@ class GradientStore:
                 {k: v for k, v in manifest.items() if k != "complete"}
             if same:
                 logger.info("Resuming gradient store %s.", path)
+                if write:
+                    cls._remove_temp_files(path)
                 return cls(path, old)
             if not overwrite:
                 saved = dict(old.get("fingerprint", {}))
@@ -129,6 +131,13 @@ class GradientStore:
         if write:
             atomic_write_bytes(mpath, json.dumps(manifest, indent=1).encode())
         return cls(path, manifest)
+
+    @staticmethod
+    def _remove_temp_files(path: Path) -> None:
+        """Delete temp files a killed writer left behind (never read: they are not shards)."""
+        for tmp in (path / "shards").glob(".*.tmp") if (path / "shards").exists() else []:
+            logger.info("Removing %s left by an interrupted run.", tmp.name)
+            tmp.unlink(missing_ok=True)
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> "GradientStore":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from datasets import load_from_disk
@@ -69,3 +70,31 @@ def test_bad_input_exits_2_with_message(saved_model, capsys, argv, message):
     assert err.startswith("hf-ggda: error:") and message in err
     assert "Traceback" not in err
     assert not (saved_model / "o").exists()  # nothing half-written
+
+
+@pytest.mark.slow
+def test_accelerate_launch_two_cpu_processes_equal_one(saved_model):
+    """`accelerate launch` (2 CPU processes, gloo) writes the scores of one process."""
+    import shutil
+    import subprocess
+    import sys
+
+    import torch
+
+    from hf_ggda.scores import GroupScores
+
+    d = saved_model
+    assert main(["group", "random", "--data", str(d / "train"), "--output", str(d / "grouped"),
+                 "--num-groups", "5"]) == 0
+    args = ["attribute", "tracin", "--model", str(d / "base"), "--adapter", str(d / "adapter"),
+            "--train", str(d / "grouped"), "--queries", str(d / "queries.jsonl"),
+            "--max-length", "16", "--shard-rows", "6"]
+    assert main(args + ["--output", str(d / "one")]) == 0
+    launcher = shutil.which("accelerate") or f"{sys.prefix}/bin/accelerate"
+    config = Path(__file__).resolve().parents[1] / "recipes" / "accelerate" / "cpu_2proc.yaml"
+    cmd = [launcher, "launch", "--config_file", str(config),
+           "-m", "hf_ggda.cli", *args, "--output", str(d / "two"), "--store", str(d / "st")]
+    subprocess.run(cmd, check=True, timeout=300)
+    one = GroupScores.from_pretrained(str(d / "one" / "scores")).matrix
+    two = GroupScores.from_pretrained(str(d / "two" / "scores")).matrix
+    torch.testing.assert_close(two, one, rtol=1e-5, atol=1e-6)

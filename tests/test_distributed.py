@@ -57,3 +57,47 @@ def test_two_processes_equal_one(tmp_path, use_store):
     if use_store:
         shards = sorted(p.name for p in (tmp_path / "store" / "shards").iterdir())
         assert all(name.endswith(".safetensors") for name in shards)  # no temp files left
+
+
+def _dying_worker(out_dir: str) -> None:
+    from hf_ggda.integrations.distributed import rank_and_world
+    from hf_ggda.store import GradientStore
+
+    torch.set_num_threads(1)
+    rank, _ = rank_and_world()
+    original = GradientStore.write_shard
+
+    def write_then_die(self, index, grads):
+        if rank == 1 and index >= 3:  # rank 1 dies mid-shard: a temp file and no shard
+            tmp = self.shard_path(index).parent / f".{self.shard_path(index).name}.x.tmp"
+            tmp.write_bytes(b"half a shard")
+            raise RuntimeError("rank 1 killed")
+        original(self, index, grads)
+
+    GradientStore.write_shard = write_then_die
+    model, task = make_setup("bert", ("classifier",))
+    engine = GradientEngine(model, task, config=EngineConfig(batch_size=4, shard_rows=6))
+    engine.group_gradients(grouped(N_ROWS), store=os.path.join(out_dir, "store"))
+
+
+def test_killed_rank_leaves_no_half_shard_and_rerun_resumes(tmp_path):
+    from accelerate import debug_launcher
+
+    from hf_ggda.store import GradientStore
+
+    model, task = make_setup("bert", ("classifier",))
+    engine = GradientEngine(model, task, config=EngineConfig(batch_size=4, shard_rows=6))
+    reference = engine.group_gradients(grouped(N_ROWS), store=str(tmp_path / "ref"))
+    os.environ["MASTER_PORT"] = _free_port()
+    with pytest.raises(Exception):
+        debug_launcher(_dying_worker, args=(str(tmp_path),), num_processes=2)
+    store = GradientStore.open(tmp_path / "store")
+    assert not store.complete
+    present = [i for i in range(store.num_shards) if store.shard_path(i).exists()]
+    assert 3 not in present and store.missing_shards()  # the dying shard never landed
+    for i in present:  # every shard on disk is whole
+        torch.testing.assert_close(store.read_shard(i), GradientStore.open(
+            tmp_path / "ref").read_shard(i), rtol=0, atol=0)
+    resumed = engine.group_gradients(grouped(N_ROWS), store=str(tmp_path / "store"))
+    assert torch.equal(resumed.gradients, reference.gradients)
+    assert not list((tmp_path / "store" / "shards").glob(".*.tmp"))
