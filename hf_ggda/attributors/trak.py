@@ -18,7 +18,6 @@ per-example features of a seeded sample of rows scaled by n/s (``"sample"``) or 
 from __future__ import annotations
 
 import functools
-
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
