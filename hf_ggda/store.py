@@ -24,6 +24,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as st_save
 
+from .fingerprint import hash_json
 from .errors import CorruptShardError, StoreMismatchError, StoreNotFoundError
 from .logging import get_logger
 
@@ -75,6 +76,8 @@ class GradientStore:
         self.path = Path(path)
         self.manifest = manifest
         self._valid: set[int] = set()
+        #: Ties shards to this manifest: a shard left by another request never verifies.
+        self.request = hash_json({k: v for k, v in manifest.items() if k != "complete"})
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -125,11 +128,12 @@ class GradientStore:
                 saved["num_groups"] = len(old.get("group_ids", []))
                 requested["num_groups"] = len(manifest["group_ids"])
                 raise StoreMismatchError(str(path), saved, requested)
-            if write:
+        if write:
+            # the new manifest lands first: if that write fails, the old store stays whole
+            atomic_write_bytes(mpath, json.dumps(manifest, indent=1).encode())
+            if mpath.exists() and (path / "shards").exists():
                 logger.warning("Overwriting gradient store %s made for another request.", path)
                 shutil.rmtree(path / "shards", ignore_errors=True)
-        if write:
-            atomic_write_bytes(mpath, json.dumps(manifest, indent=1).encode())
         return cls(path, manifest)
 
     @staticmethod
@@ -189,7 +193,8 @@ class GradientStore:
                              f"{tuple(gradients.shape)}.")
         t = gradients.detach().cpu().contiguous().to(getattr(torch, self.manifest["dtype"]))
         # one metadata key: safetensors does not keep key order, and files must be bit-stable
-        meta = {"ggda": json.dumps({"checksum": _checksum(t), "shard": index}, sort_keys=True)}
+        meta = {"ggda": json.dumps({"checksum": _checksum(t), "shard": index,
+                                    "request": self.request}, sort_keys=True)}
         atomic_write_bytes(self.shard_path(index), st_save({"gradients": t}, metadata=meta))
         self._valid.add(index)
 
@@ -209,9 +214,9 @@ class GradientStore:
                                     "same command: missing shards are recomputed.") from err
         start, stop = self.manifest["shard_bounds"][index]
         if tuple(t.shape) != (stop - start, self.manifest["dim"]) or \
-                meta.get("checksum") != _checksum(t):
-            raise CorruptShardError(f"Shard {p} fails its shape/checksum test. Rerun the same "
-                                    "command: it will be recomputed.")
+                meta.get("checksum") != _checksum(t) or meta.get("request") != self.request:
+            raise CorruptShardError(f"Shard {p} fails its shape/checksum/request test. Rerun "
+                                    "the same command: it will be recomputed.")
         return t
 
     def has_shard(self, index: int) -> bool:

@@ -114,3 +114,16 @@ def test_missing_store_path_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(StoreNotFoundError, match="not a gradient store"):
         GradientStore.open(tmp_path / "empty")
+
+
+def test_shard_from_another_request_never_verifies(bert_setup, tmp_path):
+    ds = grouped()
+    engine(bert_setup).group_gradients(ds, store=str(tmp_path / "a"))
+    other = ds.map(lambda r: {"group_id": r["group_id"] if r["group_id"] != 9 else 4})
+    engine(bert_setup).group_gradients(other, store=str(tmp_path / "b"))
+    # same shape, valid checksum, but written for the other request
+    shard = "shards/shard-00000.safetensors"
+    (tmp_path / "b" / shard).write_bytes((tmp_path / "a" / shard).read_bytes())
+    store = GradientStore.open(tmp_path / "b")
+    with pytest.raises(CorruptShardError, match="request"):
+        store.read_shard(0)

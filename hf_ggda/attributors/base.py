@@ -36,7 +36,8 @@ from datasets import Dataset
 from .. import SIGN_CONVENTION
 from ..config import ConfigMixin
 from ..curvature import CurvatureContext, Preconditioner
-from ..errors import GroupingError, MissingColumnError, NotFittedError
+from ..errors import (GroupingError, MissingColumnError, NotFittedError,
+                      TokenizationMismatchError)
 from ..fingerprint import hash_json
 from ..gradients.engine import EngineConfig, GradientEngine, GroupGradients, RowFn
 from ..logging import get_logger
@@ -140,6 +141,7 @@ class _Fit:
     sizes: np.ndarray
     parts: list[_Part]
     self_scores: Optional[torch.Tensor] = None
+    task_config: dict[str, Any] = field(default_factory=dict)
 
 
 class Attributor(ABC):
@@ -269,7 +271,8 @@ class Attributor(ABC):
                 raise GroupingError("Components disagree on the group ids.")
             ids, sizes = groups.group_ids, groups.sizes
             parts.append(part)
-        self._fit = _Fit(train_dataset, group_column, list(ids or []), np.asarray(sizes), parts)
+        self._fit = _Fit(train_dataset, group_column, list(ids or []), np.asarray(sizes), parts,
+                         task_config=self.task.config_dict())
         self._query_cache.clear()
         logger.info("%s fitted on %d rows in %d groups.", type(self).__name__,
                     len(train_dataset), len(self._fit.group_ids))
@@ -296,6 +299,7 @@ class Attributor(ABC):
     def _query_vectors(self, dataset: Dataset, mode: str, query_group_column: Optional[str]
                        ) -> tuple[list[torch.Tensor], list[Any], list[dict[str, Any]]]:
         state = self._require_fit()
+        self._check_task(state)
         fn = self.query_fn()
         column = query_group_column
         if mode == "sum":
@@ -314,6 +318,22 @@ class Attributor(ABC):
             ids = list(range(len(dataset))) if mode == "rows" else \
                 (["all"] if mode == "sum" else grads.group_ids)
         return vectors, ids, fps
+
+    def _check_task(self, state: _Fit) -> None:
+        """Queries must be prepared like the training rows (tokenizer, lengths, padding).
+
+        Raises:
+            TokenizationMismatchError: The task's settings changed since :meth:`fit`.
+        """
+        now = self.task.config_dict()
+        if now != state.task_config:
+            diff = {k: {"fit": state.task_config.get(k), "now": now.get(k)}
+                    for k in sorted(set(now) | set(state.task_config))
+                    if now.get(k) != state.task_config.get(k)}
+            raise TokenizationMismatchError(
+                f"Queries would be tokenised differently from the training rows: {diff}. "
+                "Use the same task settings (tokenizer, max_length, padding side) for fit "
+                "and score, or fit again.")
 
     def _combine(self, query: Sequence[torch.Tensor],
                  train: Sequence[torch.Tensor]) -> torch.Tensor:

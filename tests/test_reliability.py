@@ -1,0 +1,205 @@
+"""The bad-input contract, walked as a table, plus determinism, fault injection and a property
+test of group linearity."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import warnings
+
+import pytest
+import torch
+from datasets import Dataset
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from hf_ggda.attributors import InfluenceConfig, InfluenceFunction
+from hf_ggda.errors import (ColumnTypeError, EmptyDatasetError, GroupingError,
+                            MissingColumnError, NoParametersError, NonFiniteError,
+                            NotFittedError, PartialSelectionWarning, StoreMismatchError,
+                            StoreNotFoundError, TokenizationMismatchError)
+from hf_ggda.gradients import EngineConfig, GradientEngine
+from hf_ggda.grouping import get_grouper
+from hf_ggda.params import ParameterSelection
+from hf_ggda.store import GradientStore
+from hf_ggda.testing import tiny_model, tiny_tokenizer, toy_dataset
+
+from .conftest import make_setup
+from .test_engine import grouped
+
+
+def _frozen_model():
+    tok = tiny_tokenizer("bert")
+    model = tiny_model("bert", len(tok))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _nan_fit(setup):
+    model, task = setup
+
+    def nan_rows(m, batch):
+        loss = task.per_row_loss(m, batch)
+        return loss * torch.where(batch["labels"] == 1, float("nan"), 1.0)
+
+    GradientEngine(model, task).group_gradients(grouped(), fn=nan_rows)
+
+
+def _tokenisation_changed(setup):
+    model, task = setup
+    attributor = InfluenceFunction(model, task, InfluenceConfig()).fit(grouped())
+    task.max_length = 8
+    attributor.score(toy_dataset(3))
+
+
+# (name, call(setup, tmp_path), expected error type, words the message must contain)
+BAD_INPUTS = [
+    ("empty train", lambda s, p: InfluenceFunction(*s).fit(grouped().select([])),
+     EmptyDatasetError, ["empty", "0 rows"]),
+    ("empty query", lambda s, p: InfluenceFunction(*s).fit(grouped()).score(
+        toy_dataset(3).select([])), EmptyDatasetError, ["empty"]),
+    ("missing label column", lambda s, p: InfluenceFunction(*s).fit(
+        grouped().remove_columns("label")), MissingColumnError, ["'label'", "'text'"]),
+    ("missing text column", lambda s, p: InfluenceFunction(*s).fit(
+        grouped().rename_column("text", "body")), MissingColumnError, ["'text'", "'body'"]),
+    ("missing group column", lambda s, p: InfluenceFunction(*s).fit(toy_dataset(5)),
+     MissingColumnError, ["group_id"]),
+    ("text column of ints", lambda s, p: InfluenceFunction(*s).fit(Dataset.from_dict(
+        {"text": [1, 2], "label": [0, 1], "group_id": [0, 1]})), ColumnTypeError, ["text"]),
+    ("K < 1", lambda s, p: get_grouper("random", num_groups=0), GroupingError, ["0"]),
+    ("K > n", lambda s, p: get_grouper("random", num_groups=50).assign(toy_dataset(10)),
+     GroupingError, ["50", "10"]),
+    ("stratified class too small", lambda s, p: get_grouper(
+        "stratified", num_groups=6, allocation="equal").assign(Dataset.from_dict(
+            {"text": ["a"] * 10, "label": [0] * 9 + [1]})), GroupingError, ["class"]),
+    ("column grouping with nulls", lambda s, p: get_grouper("column", column="src").assign(
+        Dataset.from_dict({"text": ["a", "b"], "src": ["x", None]})), GroupingError,
+     ["null"]),
+    ("frozen model", lambda s, p: ParameterSelection.resolve(_frozen_model()),
+     NoParametersError, ["classifier.weight", "get_peft_model"]),
+    ("pattern matching nothing", lambda s, p: ParameterSelection.resolve(s[0], ["zzz.*"]),
+     NoParametersError, ["No parameters selected"]),
+    ("NaN loss", lambda s, p: _nan_fit(s), NonFiniteError, ["rows", "NaN"]),
+    ("score before fit", lambda s, p: InfluenceFunction(*s).score(toy_dataset(3)),
+     NotFittedError, ["fit"]),
+    ("store path missing", lambda s, p: GradientStore.open(p / "nope"), StoreNotFoundError,
+     ["does not exist"]),
+    ("not a store", lambda s, p: GradientStore.open(p), StoreNotFoundError,
+     ["not a gradient store"]),
+    ("query tokenised differently", lambda s, p: _tokenisation_changed(s),
+     TokenizationMismatchError, ["max_length", "fit"]),
+]
+
+
+@pytest.mark.parametrize("name, call, error, words", BAD_INPUTS, ids=[r[0] for r in BAD_INPUTS])
+def test_bad_input_table(bert_setup, tmp_path, name, call, error, words):
+    before = sorted(os.listdir(tmp_path))
+    with pytest.raises(error) as info:
+        call(bert_setup, tmp_path)
+    message = str(info.value)
+    for word in words:
+        assert word in message, f"{name}: {word!r} not in {message!r}"
+    assert sorted(os.listdir(tmp_path)) == before  # nothing half-written
+
+
+def test_partial_pattern_warns_or_errors_in_strict_mode(bert_setup):
+    model, _ = bert_setup
+    spec = [r".*lora_A.*", "no.such.param"]
+    with pytest.warns(PartialSelectionWarning):
+        ParameterSelection.resolve(model, spec)
+    with pytest.raises(ValueError, match="no.such.param"):
+        ParameterSelection.resolve(model, spec, strict=True)
+
+
+def test_store_from_another_config_and_reuse_across_batch_sizes(bert_setup, tmp_path):
+    model, task = bert_setup
+    store = str(tmp_path / "s")
+    GradientEngine(model, task, config=EngineConfig(batch_size=4)).group_gradients(
+        grouped(), store=store)
+    with pytest.raises(StoreMismatchError, match="projection"):
+        GradientEngine(model, task, config=EngineConfig(projection_dim=8)).group_gradients(
+            grouped(), store=store)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # reuse is silent
+        GradientEngine(model, task, config=EngineConfig(batch_size=7)).group_gradients(
+            grouped(), store=store)
+
+
+def test_full_disk_keeps_previous_complete_state(bert_setup, tmp_path, monkeypatch):
+    model, task = bert_setup
+    store = str(tmp_path / "s")
+    engine = GradientEngine(model, task, config=EngineConfig(shard_rows=8))
+    first = engine.group_gradients(grouped(), store=store)
+    with torch.no_grad():  # a new request for the same path must overwrite
+        next(p for n, p in model.named_parameters() if "lora_B" in n).add_(0.5)
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    with pytest.raises(OSError, match="No space"):
+        engine.group_gradients(grouped(), store=store, overwrite=True)
+    monkeypatch.undo()
+    old = GradientStore.open(store)  # the old manifest and shards are intact and readable
+    assert old.complete and torch.equal(old.load(), first.gradients)
+    assert not [f for f in os.listdir(tmp_path / "s") if f.endswith(".tmp")]
+
+
+def test_same_seeds_give_bit_identical_scores(tmp_path):
+    runs = []
+    for _ in range(2):
+        model, task = make_setup("bert", ("classifier",))
+        data = get_grouper("random", num_groups=5, seed=3).assign(toy_dataset(30))
+        attributor = InfluenceFunction(model, task, InfluenceConfig(projection_dim=16, seed=2))
+        runs.append(attributor.fit(data).score(toy_dataset(4, seed=9)).matrix)
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_fault_injection_five_kills_then_bit_identical(bert_setup, tmp_path, monkeypatch):
+    """Kill the run at a random shard boundary five times; the final store is bit-identical."""
+    model, task = bert_setup
+    engine = GradientEngine(model, task, config=EngineConfig(shard_rows=4))
+    data = grouped()
+    reference = engine.group_gradients(data, store=str(tmp_path / "ref"))
+    original = GradientStore.write_shard
+    rng = random.Random(0)
+    for attempt in range(5):
+        budget = rng.randint(0, 2)  # shards this attempt may write before it is killed
+
+        def dying(self, index, grads, budget=[budget]):
+            if budget[0] == 0:
+                raise KeyboardInterrupt(f"killed (attempt {attempt})")
+            budget[0] -= 1
+            original(self, index, grads)
+
+        monkeypatch.setattr(GradientStore, "write_shard", dying)
+        try:
+            engine.group_gradients(data, store=str(tmp_path / "s"))
+        except KeyboardInterrupt:
+            pass
+        monkeypatch.setattr(GradientStore, "write_shard", original)
+    final = engine.group_gradients(data, store=str(tmp_path / "s"))
+    assert torch.equal(final.gradients, reference.gradients)
+    for name in os.listdir(tmp_path / "ref" / "shards"):
+        assert (tmp_path / "s" / "shards" / name).read_bytes() == \
+            (tmp_path / "ref" / "shards" / name).read_bytes()
+
+
+_SETUP = make_setup("bert", ("classifier",))
+_DATA = toy_dataset(16)
+_ATTRIBUTOR = InfluenceFunction(*_SETUP, InfluenceConfig())
+_POINT = _ATTRIBUTOR.fit(_DATA.add_column("group_id", list(range(16)))).score(
+    toy_dataset(3, seed=4)).matrix
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.integers(min_value=0, max_value=5), min_size=16, max_size=16))
+def test_group_linearity_property(groups):
+    """For any grouping, score(G) = Σ_{i∈G} score({i}) (identity IF, float64)."""
+    scores = _ATTRIBUTOR.fit(_DATA.add_column("group_id", groups)).score(
+        toy_dataset(3, seed=4))
+    labels = torch.tensor(groups)
+    expected = torch.stack([_POINT[:, labels == g].sum(1) for g in scores.group_ids], dim=1)
+    torch.testing.assert_close(scores.matrix, expected, rtol=1e-6, atol=1e-10)
