@@ -62,9 +62,22 @@ def test_group_then_attribute(saved_model, capsys):
      "99"),
     (["group", "column", "--data", "{train}", "--output", "{out}", "--column", "nope"],
      "nope"),
+    (["group", "random", "--data", "{train}", "--output", "{out}", "--num-groups", "0"], "0"),
+    (["attribute", "influence", "--model", "/nonexistent", "--train", "{train}", "--queries",
+      "{train}", "--output", "{out}"], "No model/adapter folder"),
+    (["attribute", "influence", "--model", "{base}", "--train", "{train}", "--queries",
+      "{train}", "--output", "{out}"], "group_id"),
+    (["attribute", "influence", "--model", "{base}", "--train", "{train}", "--queries",
+      "{train}", "--output", "{out}", "--group-column", "label", "--label-column", "nope"],
+     "'nope'"),
+    (["attribute", "influence", "--model", "{base}", "--train", "{train}", "--queries",
+      "{train}", "--output", "{out}", "--group-column", "label", "--preconditioner", "bad"],
+     "preconditioner"),
 ])
 def test_bad_input_exits_2_with_message(saved_model, capsys, argv, message):
-    argv = [a.format(train=saved_model / "train", out=saved_model / "o") for a in argv]
+    """Each bad input: exit status 2, one message line, no traceback, no output folder."""
+    argv = [a.format(train=saved_model / "train", out=saved_model / "o",
+                     base=saved_model / "base") for a in argv]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("hf-ggda: error:") and message in err
@@ -98,3 +111,16 @@ def test_accelerate_launch_two_cpu_processes_equal_one(saved_model):
     one = GroupScores.from_pretrained(str(d / "one" / "scores")).matrix
     two = GroupScores.from_pretrained(str(d / "two" / "scores")).matrix
     torch.testing.assert_close(two, one, rtol=1e-5, atol=1e-6)
+
+
+def test_store_for_another_request_is_a_clean_cli_error(saved_model, capsys):
+    d = saved_model
+    common = ["attribute", "influence", "--model", str(d / "base"), "--train", str(d / "train"),
+              "--queries", str(d / "queries.jsonl"), "--max-length", "16", "--store",
+              str(d / "st"), "--group-column", "label"]
+    assert main(common + ["--output", str(d / "a")]) == 0
+    assert main(common + ["--output", str(d / "b"), "--max-length", "12"]) == 2
+    err = capsys.readouterr().err
+    assert "was made for a different request" in err and "max_length" in err
+    assert "Traceback" not in err and not (d / "b").exists()
+    assert main(common + ["--output", str(d / "b"), "--max-length", "12", "--overwrite"]) == 0

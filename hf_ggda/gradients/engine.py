@@ -214,7 +214,7 @@ class GradientEngine:
         return request_fingerprint({
             "model": hash_model(self.model, self.selection.names),
             "selection": hash_json(self.selection.to_dict()),
-            "task": self.task.fingerprint(),
+            "task": self.task.config_dict(),
             "projection": self.projector.config_dict() if self.projector else None,
             "dataset": dataset._fingerprint,
             "grouping": grouping,
