@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import time
 from typing import Any, Callable
 
@@ -88,6 +89,47 @@ def run(rows: int, batch_size: int, ks: list[int], repeats: int) -> dict[str, An
     }
 
 
+def _group_pass_seconds(rows: int, batch_size: int, k: int) -> float:
+    """Time one K-group pass (after a warm-up) in this process; under accelerate, per rank."""
+    from transformers.utils import logging as hf_logging
+
+    from hf_ggda.data import load_bbc_news, load_minilm_classifier
+    from hf_ggda.gradients import EngineConfig, GradientEngine
+    from hf_ggda.integrations.distributed import barrier, rank_and_world
+    from hf_ggda.tasks import SequenceClassificationTask
+
+    hf_logging.disable_progress_bar()
+    rank_and_world()
+    model, tokenizer = load_minilm_classifier(num_labels=5, lora_r=8)
+    task = SequenceClassificationTask(tokenizer, max_length=64)
+    data = load_bbc_news(limit=rows, seed=0)
+    data = data.add_column("group_id", (np.arange(rows) % k).tolist())
+    engine = GradientEngine(model, task, config=EngineConfig(batch_size=batch_size,
+                                                             shard_rows=rows // 8))
+    engine.group_gradients(data.select(range(2 * batch_size)))
+    barrier()
+    start = time.perf_counter()
+    engine.group_gradients(data)
+    barrier()
+    return time.perf_counter() - start
+
+
+def run_processes(rows: int, batch_size: int, k: int = 64) -> dict[str, float]:
+    """Wall time of the K-group pass on 2 CPU processes (accelerate launch) vs 1 process."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    one = _group_pass_seconds(rows, batch_size, k)
+    config = Path(__file__).resolve().parents[1] / "accelerate" / "cpu_2proc.yaml"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+           __file__, "--inner-group-pass", str(k), "--rows", str(rows),
+           "--batch-size", str(batch_size)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    two = max(float(v) for v in re.findall(r"GGDA_TIMING ([0-9.eE+-]+?)(?=GGDA|\s|$)", out))
+    return {"one_process_s": one, "two_processes_s": two, "ratio_2_to_1": two / one}
+
+
 def main() -> None:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description=__doc__,
@@ -97,7 +139,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="Timings per pass (min kept).")
     parser.add_argument("--json", type=str, default=None, help="Write the figures here.")
     parser.add_argument("--quick", action="store_true", help="64 rows, 1 repeat (tests).")
+    parser.add_argument("--processes", action="store_true",
+                        help="Also time the K=64 group pass on 2 CPU processes vs 1.")
+    parser.add_argument("--inner-group-pass", type=int, default=None,
+                        help=argparse.SUPPRESS)  # used by --processes under accelerate
     args = parser.parse_args()
+    if args.inner_group_pass is not None:
+        seconds = _group_pass_seconds(args.rows, args.batch_size, args.inner_group_pass)
+        print(f"GGDA_TIMING {seconds}", flush=True)
+        return
     if args.quick:
         args.rows, args.repeats = 64, 1
     ks = [k for k in (16, 64, 256) if k <= args.rows]
@@ -107,6 +157,10 @@ def main() -> None:
     for k, ratio in result["group_pass_ratio"].items():
         print(f"group pass K={k:>4}: {ratio:.3f} x floor")
     print(f"point pass (K=n):  {result['point_pass_ratio']:.3f} x floor")
+    if args.processes:
+        result["processes"] = run_processes(args.rows, args.batch_size, min(64, args.rows))
+        print(f"group pass on 2 CPU processes / 1 process: "
+              f"{result['processes']['ratio_2_to_1']:.3f}")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(result, fh, indent=1)
