@@ -190,6 +190,18 @@ class _TokenizerTask(AttributionTask):
             desc=f"Tokenising for {type(self).__name__}",
         )
 
+    def _logits_and_head_input(self, model: torch.nn.Module,
+                               batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward pass: float32 logits and the output layer's input, detached."""
+        captured: list[torch.Tensor] = []
+        handle = find_head(model).register_forward_hook(
+            lambda m, i, o: captured.append(i[0].detach()))
+        try:
+            logits = model(**self.model_inputs(batch)).logits.detach().float()
+        finally:
+            handle.remove()
+        return logits, captured[-1].float()
+
     def _pad(self, columns: Mapping[str, list[Any]]) -> Batch:
         feats = {k: columns[k] for k in ("input_ids", "attention_mask", "token_type_ids")
                  if k in columns}
@@ -276,17 +288,10 @@ class SequenceClassificationTask(_TokenizerTask):
     def output_gradient(
         self, model: torch.nn.Module, batch: Batch
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        captured: list[torch.Tensor] = []
-        handle = find_head(model).register_forward_hook(
-            lambda m, i, o: captured.append(i[0].detach())
-        )
-        try:
-            logits = model(**self.model_inputs(batch)).logits.detach().float()
-        finally:
-            handle.remove()
+        logits, head_input = self._logits_and_head_input(model, batch)
         err = logits.softmax(-1)
         err[torch.arange(len(err)), batch["labels"]] -= 1.0
-        return err, captured[-1].float()
+        return err, head_input
 
 
 class CausalLMTask(_TokenizerTask):
@@ -401,14 +406,7 @@ class CausalLMTask(_TokenizerTask):
     def output_gradient(
         self, model: torch.nn.Module, batch: Batch
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        captured: list[torch.Tensor] = []
-        handle = find_head(model).register_forward_hook(
-            lambda m, i, o: captured.append(i[0].detach())
-        )
-        try:
-            logits = model(**self.model_inputs(batch)).logits.detach().float()
-        finally:
-            handle.remove()
+        logits, head_input = self._logits_and_head_input(model, batch)
         labels = batch["labels"][:, 1:]
         err = logits[:, :-1].softmax(-1)
         mask = labels != -100
@@ -418,4 +416,4 @@ class CausalLMTask(_TokenizerTask):
         if self.reduction == "mean":
             weight = weight / mask.sum(1, keepdim=True).clamp(min=1)
         err = err * weight[..., None]
-        return err, captured[-1][:, :-1].float()
+        return err, head_input[:, :-1]

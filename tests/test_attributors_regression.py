@@ -8,7 +8,6 @@ H + λI, i.e. the influence function with damping λ.
 
 from __future__ import annotations
 
-from typing import Iterator
 
 import numpy as np
 import pytest
@@ -19,15 +18,6 @@ from scipy.stats import pearsonr, spearmanr
 from hf_ggda.attributors import InfluenceConfig, InfluenceFunction, TensorTask
 
 LAMBDA = 1.0
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny models run fastest single-threaded (and the CI machine is shared)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def _augment(x: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -19,15 +19,6 @@ from hf_ggda.tasks import CausalLMTask, SequenceClassificationTask
 from hf_ggda.testing import tiny_lora, tiny_tokenizer, toy_dataset
 
 GROUPS = [2, 0, 0, 1, 1, 2, 0, 3, 3, 1, 3, 2]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny models run fastest single-threaded (and the CI machine is shared)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def _data() -> tuple[Any, Any]:

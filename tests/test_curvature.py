@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
@@ -17,15 +16,6 @@ from hf_ggda.curvature import (EKFAC, KFAC, CurvatureContext, CurvatureError, Da
 from hf_ggda.gradients import EngineConfig, GradientEngine
 from hf_ggda.tasks import SequenceClassificationTask
 from hf_ggda.testing import tiny_lora, tiny_tokenizer, toy_dataset
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny models run fastest single-threaded (and the CI machine is shared)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def _ctx(model: torch.nn.Module, task: object, data: Dataset, batch_size: int = 8,

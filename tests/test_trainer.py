@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -24,14 +24,6 @@ from hf_ggda.tasks import SequenceClassificationTask
 from hf_ggda.testing import tiny_lora, tiny_tokenizer, toy_dataset
 
 STEPS, SAVE_EVERY = 6, 2
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def _args(output_dir: Path, **kwargs: Any) -> TrainingArguments:
