@@ -6,7 +6,7 @@ exists so that recipes can retrain many times quickly and reproducibly.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -18,7 +18,8 @@ from .tasks import AttributionTask
 
 def finetune(model: torch.nn.Module, task: AttributionTask, dataset: Dataset, steps: int,
              batch_size: int = 16, lr: float = 1e-3, seed: int = 0,
-             weight_decay: float = 0.0, desc: Optional[str] = "Fine-tuning") -> list[float]:
+             weight_decay: float = 0.0, desc: Optional[str] = "Fine-tuning",
+             on_step: Optional[Callable[[int], None]] = None) -> list[float]:
     """Train the trainable parameters (e.g. LoRA + head) with AdamW on seeded mini-batches.
 
     Args:
@@ -31,6 +32,7 @@ def finetune(model: torch.nn.Module, task: AttributionTask, dataset: Dataset, st
         seed: Seed of the row order (and of dropout).
         weight_decay: AdamW weight decay.
         desc: Progress bar label (None: no bar).
+        on_step: Called with the step number (1-based) after every optimiser step.
 
     Returns:
         The loss of every step. The model is left in eval mode.
@@ -52,7 +54,7 @@ def finetune(model: torch.nn.Module, task: AttributionTask, dataset: Dataset, st
     order: list[int] = []
     losses = []
     model.train()
-    for _ in progress(range(steps), desc=desc, disable=desc is None):
+    for step in progress(range(1, steps + 1), desc=desc, disable=desc is None):
         if len(order) < batch_size:
             order += gen.permutation(len(prepared)).tolist()
         rows, order = order[:batch_size], order[batch_size:]
@@ -62,5 +64,47 @@ def finetune(model: torch.nn.Module, task: AttributionTask, dataset: Dataset, st
         loss.backward()
         opt.step()
         losses.append(loss.item())
+        if on_step is not None:
+            on_step(step)
     model.eval()
     return losses
+
+
+def finetune_with_snapshots(model: torch.nn.Module, task: AttributionTask, dataset: Dataset,
+                            steps: int, batch_size: int = 16, lr: float = 1e-3, seed: int = 0,
+                            snapshots: int = 1, desc: Optional[str] = None
+                            ) -> tuple[list[float], list[dict[str, Any]]]:
+    """:func:`finetune` (same batches and updates) that also keeps copies of the trained
+    parameters at ``snapshots`` evenly spaced steps, the last after the final step: the
+    checkpoints of GGDA-TracIn.
+
+    Args:
+        model: The model; parameters with ``requires_grad`` are trained.
+        task: Supplies batches and per-row losses.
+        dataset: Raw training rows.
+        steps: Optimiser steps.
+        batch_size: Rows per step.
+        lr: AdamW learning rate.
+        seed: Seed of the row order and of dropout.
+        snapshots: Number of snapshots.
+        desc: Progress bar label (None: no bar).
+
+    Returns:
+        (loss of every step, snapshots as {parameter name: tensor} in training order).
+
+    Raises:
+        ValueError: No trainable parameters, ``steps`` < 1 or ``snapshots`` not in 1..steps.
+    """
+    if not 1 <= snapshots <= max(steps, 1):
+        raise ValueError(f"snapshots must be in 1..steps ({steps}), got {snapshots}.")
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    at = {int(round(steps * (k + 1) / snapshots)) for k in range(snapshots)}
+    kept: list[dict[str, Any]] = []
+
+    def keep(step: int) -> None:
+        if step in at:
+            kept.append({n: p.detach().clone() for n, p in named})
+
+    losses = finetune(model, task, dataset, steps, batch_size, lr, seed, desc=desc,
+                      on_step=keep)
+    return losses, kept

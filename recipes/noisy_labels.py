@@ -19,6 +19,7 @@ Run::
     python recipes/noisy_labels.py --json noisy.json               # full (see notes/recipes.md)
     python recipes/noisy_labels.py --quick --output /tmp/nl --json /tmp/nl.json
     python recipes/noisy_labels.py --selection auto                 # LoRA + head gradients
+    python recipes/noisy_labels.py --method tracin                  # summed over snapshots
 
 Outputs under ``--output``: ``train_scored/`` (save_to_disk: noisy and clean labels, flags,
 group, group scores, self-influence, point self-influence of drilled rows, inspection rank),
@@ -29,7 +30,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -40,9 +41,9 @@ from _common import (HEAD_SELECTION, Timings, base_parser, bbc_splits, detection
                      setup_run, write_figures)
 
 FULL = {"train_rows": 1600, "val_rows": 200, "max_length": 64, "steps": 150, "groups": 100,
-        "loop_sample": 48}
+        "loop_sample": 48, "checkpoints": 3}
 QUICK = {"train_rows": 128, "val_rows": 16, "max_length": 32, "steps": 10, "groups": 8,
-         "loop_sample": 4}
+         "loop_sample": 4, "checkpoints": 2}
 ROW_COLUMN = "row"
 
 
@@ -62,6 +63,12 @@ def parse_args(argv: Optional[list[str]]) -> Any:
                     help="Grouper name (grad-kmeans, kmeans-repr, kmeans-input, stratified...).")
     ap.add_argument("--no-per-class", action="store_true",
                     help="Cluster all rows together instead of within each noisy label.")
+    ap.add_argument("--method", choices=("influence", "tracin"), default="influence",
+                    help="Self-influence at the final weights (GGDA-Influence, identity), or "
+                         "summed over parameter snapshots taken during fine-tuning "
+                         "(GGDA-TracIn).")
+    ap.add_argument("--checkpoints", type=int, default=None,
+                    help="Evenly spaced snapshots for --method tracin.")
     ap.add_argument("--selection", choices=("head", "auto"), default="head",
                     help="Attributed parameters: the classifier head (last-layer influence) "
                          "or 'auto' (LoRA adapters + head).")
@@ -121,18 +128,40 @@ def inspection_scores(group_of_row: np.ndarray, group_stat: np.ndarray,
     return scores
 
 
+def point_self_influence(engine: Any, components: Sequence[Any], model: Any,
+                         dataset: Any) -> np.ndarray:
+    """Point-level self-influence Σ_c w_c ‖g_i(θ_c)‖² of every row (per-example gradients).
+
+    Args:
+        engine: A :class:`~hf_ggda.gradients.GradientEngine` on the attributed parameters.
+        components: The attributor's components (checkpoints with weights; one for Influence).
+        model: The model the components load their weights into.
+        dataset: The rows.
+
+    Returns:
+        (n,) self-influence.
+    """
+    total = np.zeros(len(dataset))
+    for comp in components:
+        with comp.activate(model):
+            grads = engine.per_example_gradients(dataset).gradients
+        total += comp.weight * (grads.double() ** 2).sum(1).numpy()
+        del grads
+    return total
+
+
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     """Run the recipe; returns (and writes) the figures."""
     args = parse_args(argv)
     out = setup_run(args)
-    from hf_ggda.attributors import InfluenceConfig, InfluenceFunction
+    from hf_ggda.attributors import InfluenceConfig, InfluenceFunction, TracIn, TracInConfig
     from hf_ggda.data import load_minilm_classifier
     from hf_ggda.gradients import EngineConfig, GradientEngine
     from hf_ggda.grouping import get_grouper
     from hf_ggda.integrations.cards import Curve, write_attribution_card
     from hf_ggda.integrations.hub import save_dataset_atomic
     from hf_ggda.tasks import SequenceClassificationTask
-    from hf_ggda.training import finetune
+    from hf_ggda.training import finetune_with_snapshots
 
     times = Timings()
     train, val = bbc_splits([args.train_rows, args.val_rows], seed=args.seed)
@@ -148,8 +177,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     model, tokenizer = load_minilm_classifier(num_labels=5, lora_r=8, seed=args.seed)
     task = SequenceClassificationTask(tokenizer, max_length=args.max_length)
     with times.stage("finetune"):
-        losses = finetune(model, task, train, args.steps, args.batch_size, args.lr, args.seed,
-                          desc=None)
+        losses, snapshots = finetune_with_snapshots(
+            model, task, train, args.steps, args.batch_size, args.lr, args.seed,
+            min(args.checkpoints, args.steps) if args.method == "tracin" else 1)
     task.prepare(train)  # tokenisation is shared by every path: keep it out of the timings
     task.prepare(val)
 
@@ -165,9 +195,13 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         grouper = get_grouper(args.grouper, **kwargs)
         grouped = grouper.assign(train, model=model, task=task) if grouper.uses_model \
             else grouper.assign(train)
-    config = InfluenceConfig(preconditioner="identity", batch_size=args.attr_batch_size,
-                             selection=selection)
-    attributor = InfluenceFunction(model, task, config)
+    if args.method == "tracin":
+        attributor: Any = TracIn(model, task, TracInConfig(
+            learning_rates=[args.lr] * len(snapshots), batch_size=args.attr_batch_size,
+            selection=selection), checkpoints=snapshots)
+    else:
+        attributor = InfluenceFunction(model, task, InfluenceConfig(
+            preconditioner="identity", batch_size=args.attr_batch_size, selection=selection))
     with times.stage("group_gradients"):
         attributor.fit(grouped)
         group_si = attributor.self_scores().double().numpy()
@@ -181,24 +215,21 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         stat = group_statistic(group_si, sizes, args.group_stat)
         chosen = select_until(np.argsort(-stat, kind="stable"), sizes, args.drill * n)
         drilled = np.flatnonzero(np.isin(group_of_row, chosen))
-        grads = engine.per_example_gradients(grouped.select(drilled)).gradients
-        point_si = (grads.double() ** 2).sum(1).numpy()
-        del grads
+        point_si = point_self_influence(engine, attributor.components, model,
+                                        grouped.select(drilled))
     suspicion = inspection_scores(group_of_row, stat, drilled, point_si)
     group_path = ["group_grouping", "group_gradients", "group_drilldown"]
 
     say("Reference: full point-level self-influence")
     with times.stage("point_self_influence"):
-        all_grads = engine.per_example_gradients(grouped).gradients
-        full_point_si = (all_grads.double() ** 2).sum(1).numpy()
-        del all_grads
+        full_point_si = point_self_influence(engine, attributor.components, model, grouped)
     loop_per_row = None
     if args.loop_sample > 0:
         loop_engine = GradientEngine(model, task, attributor.selection,
                                      EngineConfig(batch_size=1))
         sample = grouped.select(range(min(args.loop_sample, n)))
         with times.stage("point_loop_sample"):
-            loop_engine.per_example_gradients(sample)
+            point_self_influence(loop_engine, attributor.components, model, sample)
         loop_per_row = times.cpu["point_loop_sample"] / len(sample)
 
     say("Validation scores (card) and figures")
@@ -238,7 +269,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "num_rows": n, "num_flipped": int(flipped.sum()), "num_groups": len(ids),
         "train_loss_first": float(np.mean(losses[:5])),
         "train_loss_last": float(np.mean(losses[-5:])),
-        "selection": attributor.selection.how, "parameters": attributor.selection.numel,
+        "method": args.method, "selection": attributor.selection.how,
+        "parameters": attributor.selection.numel,
         "timings": times.to_dict(), "args": vars(args),
     }
 
@@ -278,8 +310,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
 def print_summary(fig: dict[str, Any], times: Timings, out: Path) -> None:
     """Print the headline table."""
     print(f"Noisy-label detection: {fig['num_flipped']} of {fig['num_rows']} labels flipped, "
-          f"K = {fig['num_groups']} groups, attributed parameters: {fig['selection']} "
-          f"({fig['parameters']})")
+          f"K = {fig['num_groups']} groups, {fig['method']}, attributed parameters: "
+          f"{fig['selection']} ({fig['parameters']})")
     print(f"{'ranking':<34}{'recall@10%':>11}{'recall@20%':>11}")
     for name, key in (("GGDA groups + drill-down", ""), ("GGDA groups only", "group_only_"),
                       ("point self-influence (all rows)", "point_"),

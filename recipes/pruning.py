@@ -1,11 +1,13 @@
 """Dataset pruning on BBC News with GGDA: drop the least helpful groups, retrain, compare.
 
 For every seed: fine-tune MiniLM-L6 + LoRA (q, v; head saved) on the training split, group the
-training rows with Grad-K-Means within each label, score every group against a validation
-split (GGDA-Influence, identity preconditioner, the validation loss summed: one query
-gradient), and drop the groups with the lowest score per row until 10 / 20 / 30% of the rows
-are gone. Retrain from the same initialisation and seed, with the same number of steps, on
-the pruned data and on a random subset of the same size, and measure test accuracy.
+training rows with Grad-K-Means into equal-size groups within each label, score every group
+against a validation split (GGDA-TracIn over parameter snapshots taken during fine-tuning, or
+GGDA-Influence at the final weights with ``--method influence``; the validation loss summed:
+one query gradient per snapshot), and drop the groups with the lowest score per row, within
+each label, until about 10 / 20 / 30% of the rows are gone (groups that would overshoot the
+budget by more than half their size are skipped). Retrain from the same initialisation and seed, with the same number of
+steps, on the pruned data and on a random subset of the same size; measure test accuracy.
 
 Run::
 
@@ -30,13 +32,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (HEAD_SELECTION, Timings, accuracy, base_parser, bbc_splits,  # noqa: E402
-                     flip_labels, replace_column, say, select_until, setup_run,
-                     write_figures)
+                     flip_labels, replace_column, say, setup_run, write_figures)
 
 FULL = {"train_rows": 1000, "val_rows": 200, "test_rows": 800, "max_length": 64,
-        "steps": 80, "batch_size": 16, "groups": 64, "seeds": [0, 1, 2]}
+        "steps": 80, "batch_size": 16, "groups": 64, "seeds": [0, 1, 2], "checkpoints": 4}
 QUICK = {"train_rows": 96, "val_rows": 16, "test_rows": 32, "max_length": 32, "steps": 4,
-         "batch_size": 8, "groups": 16, "seeds": [0]}
+         "batch_size": 8, "groups": 32, "seeds": [0], "checkpoints": 2}
 
 
 def parse_args(argv: Optional[list[str]]) -> Any:
@@ -54,10 +55,20 @@ def parse_args(argv: Optional[list[str]]) -> Any:
                     help="Shares of the training rows to prune.")
     ap.add_argument("--seeds", type=int, nargs="+", default=None,
                     help="Training seeds (initialisation, batches, grouping, random pruning).")
+    ap.add_argument("--method", choices=("tracin", "influence"), default="tracin",
+                    help="GGDA-TracIn over snapshots, or GGDA-Influence (identity) at the end.")
+    ap.add_argument("--checkpoints", type=int, default=None,
+                    help="Evenly spaced parameter snapshots used by TracIn.")
     ap.add_argument("--selection", choices=("auto", "head"), default="auto",
                     help="Attributed parameters: LoRA adapters + head, or the head only.")
     ap.add_argument("--rank", choices=("per-row", "total"), default="per-row",
                     help="Order groups by score per row (density) or by total score.")
+    ap.add_argument("--unbalanced-groups", action="store_true",
+                    help="Plain grad-kmeans sizes (default: equal-size groups within each label, "
+                         "so no single giant cluster is dropped at once).")
+    ap.add_argument("--no-class-balance", action="store_true",
+                    help="Prune the least helpful groups globally (default: the same share "
+                         "within each label).")
     ap.add_argument("--noise", type=float, default=0.0,
                     help="Share of training labels flipped before everything (0: clean).")
     ap.add_argument("--attr-batch-size", type=int, default=32, help="Rows per gradient pass.")
@@ -85,6 +96,35 @@ def prune_order(group_scores: np.ndarray, sizes: np.ndarray, rank: str) -> np.nd
     return np.argsort(key, kind="stable")
 
 
+def choose_groups(order: np.ndarray, sizes: np.ndarray, class_of_group: np.ndarray,
+                  fraction: float, class_balance: bool) -> list[int]:
+    """Least helpful groups to drop: walk ``order`` and take every group that brings the number
+    of dropped rows closer to the budget (a group that would overshoot it by more than half its
+    size is skipped), per label or globally.
+
+    Args:
+        order: Group indices, least helpful first.
+        sizes: (K,) group sizes.
+        class_of_group: (K,) label of each group (groups are made within labels).
+        fraction: Share of rows to drop.
+        class_balance: Budget ``fraction`` × rows of each label separately.
+
+    Returns:
+        Indices of the groups to drop.
+    """
+    classes = np.unique(class_of_group) if class_balance else np.array([0])
+    owner = class_of_group if class_balance else np.zeros(len(sizes), dtype=np.int64)
+    chosen: list[int] = []
+    for c in classes:
+        budget = fraction * sizes[owner == c].sum()
+        total = 0
+        for k in order:
+            if owner[k] == c and total + sizes[k] / 2 < budget:
+                chosen.append(int(k))
+                total += int(sizes[k])
+    return chosen
+
+
 def key_of(fraction: float) -> str:
     """``0.2`` -> ``"20"`` (the suffix of the figure names)."""
     return f"{round(100 * fraction):d}"
@@ -94,13 +134,13 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     """Run the recipe; returns (and writes) the figures."""
     args = parse_args(argv)
     out = setup_run(args)
-    from hf_ggda.attributors import InfluenceConfig, InfluenceFunction
+    from hf_ggda.attributors import InfluenceConfig, InfluenceFunction, TracIn, TracInConfig
     from hf_ggda.data import load_minilm_classifier
     from hf_ggda.grouping import get_grouper
     from hf_ggda.integrations.cards import Curve, write_attribution_card
     from hf_ggda.integrations.hub import save_dataset_atomic
     from hf_ggda.tasks import SequenceClassificationTask
-    from hf_ggda.training import finetune
+    from hf_ggda.training import finetune_with_snapshots
 
     times = Timings()
     train, val, test = bbc_splits([args.train_rows, args.val_rows, args.test_rows], args.seed)
@@ -116,28 +156,35 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     first: Optional[dict[str, Any]] = None
 
     def train_and_test(model: Any, task: Any, init: dict[str, Any],
-                       rows: Optional[np.ndarray], seed: int, label: str) -> None:
+                       rows: Optional[np.ndarray], seed: int, label: str) -> list[Any]:
         model.load_state_dict(init)  # the seed's initial LoRA + head, every run
         data = train if rows is None else train.select(np.sort(rows))
         with times.stage("finetune"):
-            finetune(model, task, data, args.steps, args.batch_size, args.lr, seed, desc=None)
+            _, snaps = finetune_with_snapshots(model, task, data, args.steps, args.batch_size,
+                                               args.lr, seed, min(args.checkpoints, args.steps))
         with times.stage("evaluate"):
             acc[label].append(accuracy(model, task, test))
         say(f"seed {seed}: {label} ({len(data)} rows) test accuracy {acc[label][-1]:.4f}")
+        return snaps
 
     for seed in args.seeds:
         model, tokenizer = load_minilm_classifier(num_labels=5, lora_r=8, seed=seed)
         task = SequenceClassificationTask(tokenizer, max_length=args.max_length)
         init = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        train_and_test(model, task, init, None, seed, "full")
+        snapshots = train_and_test(model, task, init, None, seed, "full")
         with times.stage("attribution"):
             grouper = get_grouper("grad-kmeans", num_groups=args.groups, per_class=True,
-                                  seed=seed)
+                                  balanced=not args.unbalanced_groups, seed=seed)
             grouped = grouper.assign(train, model=model, task=task)
             selection = HEAD_SELECTION if args.selection == "head" else "auto"
-            attributor = InfluenceFunction(model, task, InfluenceConfig(
-                preconditioner="identity", batch_size=args.attr_batch_size,
-                selection=selection))
+            if args.method == "tracin":
+                attributor: Any = TracIn(model, task, TracInConfig(
+                    learning_rates=[args.lr] * len(snapshots), batch_size=args.attr_batch_size,
+                    selection=selection), checkpoints=snapshots)
+            else:
+                attributor = InfluenceFunction(model, task, InfluenceConfig(
+                    preconditioner="identity", batch_size=args.attr_batch_size,
+                    selection=selection))
             attributor.fit(grouped)
             scores = attributor.score(val, aggregate="sum")
         totals = scores.aggregated().double().numpy()
@@ -145,13 +192,16 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         index = {g: k for k, g in enumerate(attributor.group_ids)}
         group_of_row = np.array([index[g] for g in grouped["group_id"]])
         order = prune_order(totals, sizes, args.rank)
+        labels = np.asarray(grouped["label"])
+        class_of_group = np.zeros(len(sizes), dtype=np.int64)
+        class_of_group[group_of_row] = labels
         rng = np.random.default_rng(1000 + seed)
         pruned_flags = {}
         if first is None:
             first = {"scores": scores, "grouped": grouped, "flags": pruned_flags,
                      "model": copy.deepcopy(model)}
         for f in args.fractions:
-            drop = select_until(order, sizes, f * n)
+            drop = choose_groups(order, sizes, class_of_group, f, not args.no_class_balance)
             keep = np.flatnonzero(~np.isin(group_of_row, drop))
             dropped[key_of(f)].append(1.0 - len(keep) / n)
             pruned_flags[key_of(f)] = np.isin(group_of_row, drop)

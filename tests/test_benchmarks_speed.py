@@ -19,3 +19,38 @@ def test_speed_benchmark_quick_run():
     ratios = [result["point_pass_ratio"], *result["group_pass_ratio"].values()]
     assert all(math.isfinite(r) and r > 0 for r in ratios)
     assert result["selected_params"] == 6 * 2 * (8 * 384 * 2) + 384 * 5 + 5
+
+
+def _load(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_end_to_end_quick_run():
+    module = _load("ggda_speed", SPEED)
+    methods = ["tracin", "if-ekfac", "trak"]
+    e2e = module.run_end_to_end(rows=32, queries=4, batch_size=16, k=8, methods=methods)
+    assert e2e["floor_s"] > 0 and e2e["k"] == 8 and e2e["queries"] == 4
+    assert set(e2e["methods"]) == set(methods)
+    for row in e2e["methods"].values():
+        assert row["speedup"] == row["point_s"] / row["group_s"]
+        assert row["group_ratio"] == row["group_s"] / e2e["floor_s"]
+        assert 0 < row["group_store_mb"] < row["point_store_mb"]  # K x d vs n x d on disk
+        assert all(math.isfinite(row[k]) for k in ("group_peak_mb", "point_peak_mb"))
+
+
+def test_scaling_quick_run_and_peak_memory_probe():
+    e2e = _load("ggda_speed_e2e", SPEED.parent / "_speed_e2e.py")
+    rows = e2e.scaling([100, 200], m=5, k=8, batch_size=64)
+    assert [r["rows"] for r in rows] == [100, 200]
+    assert all(r["floor_s"] > 0 and r["group_s"] > 0 and r["point_s"] > 0 for r in rows)
+    import torch
+
+    def allocate() -> None:
+        block = torch.ones(64 * 2**20 // 4)  # 64 MB, touched
+        assert float(block[-1]) == 1.0
+
+    _, peak = e2e.measure(allocate)
+    assert peak > 40  # the sampler sees a real allocation

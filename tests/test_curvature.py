@@ -119,6 +119,26 @@ def test_kfac_ekfac_match_exact_on_linear_regression(cls: type, out: int) -> Non
     assert _corr(approx.apply(v), exact.apply(v)) > 0.98
 
 
+@pytest.mark.parametrize("cls", [KFAC, EKFAC])
+def test_kfac_sampled_rows(cls: type) -> None:
+    """max_rows >= n is the exact fit; a 1/4 sample, scaled to n, stays close to it."""
+    model, task, data = _regression(out=3)
+    ctx = _ctx(model, task, data, batch_size=64)
+    full, same, sampled = cls(damping=1e-3), cls(damping=1e-3, max_rows=5000), \
+        cls(damping=1e-3, max_rows=250, seed=3)
+    for pre in (full, same, sampled):
+        pre.fit(ctx)
+    v = torch.randn(6, ctx.engine.selection.numel, dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(same.apply(v), full.apply(v), rtol=1e-10, atol=0)
+    assert _corr(sampled.apply(v), full.apply(v)) > 0.95
+    ratio = sampled.apply(v).norm() / full.apply(v).norm()
+    assert 0.8 < float(ratio) < 1.25  # the statistics are rescaled from 250 rows to n
+    assert sampled.config_dict() != full.config_dict()  # different cache keys
+    with pytest.raises(ValueError, match="max_rows"):
+        cls(max_rows=0)
+
+
 def test_kfac_conv1d_layout_matches_linear() -> None:
     lin, task, data = _regression(out=3)
     conv, _, _ = _regression(out=3, conv=True)

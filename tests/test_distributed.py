@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from hf_ggda.gradients import EngineConfig, GradientEngine
+from hf_ggda.testing import toy_dataset
 
 from .conftest import make_setup
 from .test_engine import grouped
@@ -20,6 +21,24 @@ def _free_port() -> str:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return str(s.getsockname()[1])
+
+
+def _scores(model, task) -> dict:
+    """Identity and EK-FAC influence scores (EK-FAC statistics fitted on each process's share
+    of the batches, then summed) of 6 queries against the K = 5 groups."""
+    from hf_ggda.attributors import InfluenceConfig, InfluenceFunction
+
+    from hf_ggda.curvature import CurvatureContext
+
+    queries = toy_dataset(6, seed=11)
+    ctx = CurvatureContext(GradientEngine(model, task, config=EngineConfig(batch_size=4)),
+                           grouped(N_ROWS))
+    out = {"curvature_batches": sum(1 for _ in ctx.batches(this_process=True))}
+    for name, extra in (("identity", {}), ("ekfac", {"damping": 1e-3})):
+        attributor = InfluenceFunction(model, task, InfluenceConfig(
+            preconditioner=name, batch_size=4, **extra)).fit(grouped(N_ROWS))
+        out[name] = attributor.score(queries).matrix
+    return out
 
 
 def _worker(out_dir: str, use_store: bool) -> None:
@@ -35,7 +54,8 @@ def _worker(out_dir: str, use_store: bool) -> None:
     result = engine.group_gradients(grouped(N_ROWS), store=store)
     point = engine.per_example_gradients(grouped(N_ROWS))
     torch.save({"group": result.gradients, "point": point.gradients, "world": world,
-                "sizes": result.sizes.tolist()}, os.path.join(out_dir, f"rank{rank}.pt"))
+                "sizes": result.sizes.tolist(), "scores": _scores(model, task)},
+               os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 @pytest.mark.parametrize("use_store", [False, True])
@@ -46,6 +66,7 @@ def test_two_processes_equal_one(tmp_path, use_store):
     engine = GradientEngine(model, task, config=EngineConfig(batch_size=4, shard_rows=6))
     single = engine.group_gradients(grouped(N_ROWS))
     single_point = engine.per_example_gradients(grouped(N_ROWS))
+    single_scores = _scores(model, task)
     os.environ["MASTER_PORT"] = _free_port()
     debug_launcher(_worker, args=(str(tmp_path), use_store), num_processes=2)
     for rank in (0, 1):
@@ -54,6 +75,11 @@ def test_two_processes_equal_one(tmp_path, use_store):
         assert sum(got["sizes"]) == N_ROWS  # every row counted exactly once
         torch.testing.assert_close(got["group"], single.gradients, rtol=0, atol=1e-8)
         torch.testing.assert_close(got["point"], single_point.gradients, rtol=0, atol=1e-8)
+        assert got["scores"]["curvature_batches"] == 5  # 10 batches of 4 rows, split in two
+        for name, matrix in single_scores.items():  # EK-FAC: statistics summed over ranks
+            if name == "curvature_batches":
+                continue
+            torch.testing.assert_close(got["scores"][name], matrix, rtol=1e-8, atol=1e-8)
     if use_store:
         shards = sorted(p.name for p in (tmp_path / "store" / "shards").iterdir())
         assert all(name.endswith(".safetensors") for name in shards)  # no temp files left

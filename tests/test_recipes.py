@@ -115,7 +115,7 @@ def test_pruning_quick(tmp_path: Path, restore_globals: None) -> None:
     check_unit(fig, ["acc_full", "acc_pruned_10", "acc_pruned_20", "acc_pruned_30",
                      "acc_random_10", "acc_random_20", "acc_random_30"])
     dropped = fig["dropped_fraction"]
-    assert 0.1 <= dropped["10"] <= dropped["20"] <= dropped["30"] < 1.0
+    assert 0.0 < dropped["10"] <= dropped["20"] <= dropped["30"] < 0.5
     check_card(out / "card")
     check_saved(out / "train_scored")
 
@@ -203,6 +203,17 @@ def test_prune_order_least_helpful_per_row_first() -> None:
     assert pr.prune_order(scores, sizes, "total").tolist() == [0, 1, 2]
 
 
+def test_choose_groups_keeps_to_the_budget_within_each_label() -> None:
+    pr = load_recipe("pruning")
+    sizes = np.array([10, 2, 2, 2, 5, 5, 5, 5])
+    classes = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    order = np.array([0, 4, 1, 5, 2, 3, 6, 7])
+    # label 0 (16 rows, budget 3.2): the 10-row group overshoots and is skipped; 2 + 2 rows
+    # overshoot by less than half a group. Label 1 (20 rows, budget 4): one group of 5.
+    assert pr.choose_groups(order, sizes, classes, 0.2, True) == [1, 2, 4]
+    assert pr.choose_groups(order, sizes, classes, 0.2, False) == [0]  # budget 7.2: 10 rows
+
+
 def test_make_mixture_corrupts_one_source() -> None:
     from datasets import ClassLabel, Dataset, Features, Value
 
@@ -236,3 +247,27 @@ def test_corrupt_replaces_answers_with_other_topics() -> None:
     wrong = np.array([r != f" {t}" for r, t in zip(out["response"], out["topic"])])
     assert np.array_equal(wrong, flags.astype(bool))
     assert out["row"] == list(range(50))
+
+
+def test_finetune_with_snapshots_matches_finetune() -> None:
+    import torch
+
+    from hf_ggda.tasks import SequenceClassificationTask
+    from hf_ggda.testing import tiny_lora, tiny_tokenizer, toy_dataset
+    from hf_ggda.training import finetune, finetune_with_snapshots
+
+    tok = tiny_tokenizer("bert")
+    data = toy_dataset(24)
+    task = SequenceClassificationTask(tok, max_length=16)
+    a = tiny_lora("bert", len(tok), modules_to_save=("classifier",))
+    b = tiny_lora("bert", len(tok), modules_to_save=("classifier",))
+    b.load_state_dict(a.state_dict())
+    ref = finetune(a, task, data, 6, batch_size=4, lr=1e-2, seed=5, desc=None)
+    losses, snaps = finetune_with_snapshots(b, task, data, 6, 4, 1e-2, 5, snapshots=3)
+    assert losses == pytest.approx(ref, rel=1e-6)
+    assert len(snaps) == 3 and not b.training
+    final = dict(b.named_parameters())
+    for name, value in snaps[-1].items():
+        assert torch.equal(value, final[name])
+        assert torch.allclose(value, dict(a.named_parameters())[name], atol=1e-6)
+    assert not torch.equal(snaps[0][name], snaps[-1][name])

@@ -47,6 +47,8 @@ class InfluenceConfig(AttributorConfig):
         lissa_repeat: LiSSA runs averaged.
         lissa_batch_size: Rows per sampled Hessian (None: all rows every step).
         exact_max_dim: Largest parameter count for which the exact Hessian is formed.
+        curvature_rows: K-FAC / EK-FAC: fit the factors and eigenvalues on a seeded random
+            sample of this many training rows (None: all rows, exact).
     """
 
     attributor_type: str = field(default="influence", metadata={"help": "Method name."})
@@ -69,6 +71,9 @@ class InfluenceConfig(AttributorConfig):
         default=None, metadata={"help": "Rows per LiSSA Hessian sample (None: all)."})
     exact_max_dim: int = field(default=4096,
                                metadata={"help": "Max parameters for the exact Hessian."})
+    curvature_rows: Optional[int] = field(
+        default=None, metadata={"help": "K-FAC/EK-FAC: rows sampled to fit the factors "
+                                        "(None: all rows)."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -92,6 +97,8 @@ class InfluenceConfig(AttributorConfig):
             ValueError: A method-specific setting is out of range.
         """
         name = self.preconditioner
+        if self.curvature_rows is not None and name not in ("kfac", "ekfac"):
+            raise ValueError("curvature_rows applies to the kfac and ekfac preconditioners only.")
         if name == "identity":
             return {}
         if name == "lissa":
@@ -104,6 +111,10 @@ class InfluenceConfig(AttributorConfig):
             if self.exact_max_dim < 1:
                 raise ValueError(f"exact_max_dim must be >= 1, got {self.exact_max_dim}.")
             return {"damping": self.damping, "max_dim": self.exact_max_dim}
+        if name in ("kfac", "ekfac"):
+            opts = {"damping": self.damping, "max_rows": self.curvature_rows, "seed": self.seed}
+            make_preconditioner(name, **opts)
+            return opts
         return {"damping": self.damping}
 
 

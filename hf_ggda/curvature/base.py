@@ -29,6 +29,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from ..errors import GGDAError, NotFittedError
 from ..fingerprint import hash_json
 from ..gradients.engine import GradientEngine
+from ..integrations.distributed import rank_and_world
 from ..logging import get_logger, progress
 from ..store import atomic_write_bytes
 from ..tasks import Batch
@@ -72,19 +73,24 @@ class CurvatureContext:
         return len(self.features)
 
     def batches(self, rows: Optional[Sequence[int]] = None,
-                desc: Optional[str] = None) -> Iterator[Batch]:
+                desc: Optional[str] = None, this_process: bool = False) -> Iterator[Batch]:
         """Yield collated batches on the model's device.
 
         Args:
             rows: Row indices to use (default: all, in order).
             desc: Progress bar label (None: no bar).
+            this_process: Only the batches of this process (batch b goes to rank b mod world
+                size), for statistics that are then summed over processes.
 
         Yields:
             Batches of at most ``engine.config.batch_size`` rows.
         """
         index = list(range(self.num_rows)) if rows is None else [int(r) for r in rows]
         bs = self.engine.config.batch_size
-        starts = range(0, len(index), bs)
+        starts: Sequence[int] = range(0, len(index), bs)
+        if this_process:
+            rank, world = rank_and_world()
+            starts = starts[rank::world]
         for start in (progress(starts, desc=desc, unit="batch") if desc else starts):
             yield self.engine.collate_rows(self.features, index[start:start + bs])
 

@@ -19,16 +19,24 @@ formed per row and per module from the same hooks, one batch at a time.
 The g here are gradients of the training loss at the true labels, so S is an empirical
 Fisher factor. Selected parameters outside linear modules (embeddings, norms, prompts) have no
 factors; they are preconditioned by λ⁻¹ (zero curvature), with a warning.
+
+Under several processes (``accelerate launch``) each process accumulates the statistics of its
+share of the batches; the sums (A, S, token counts, EK-FAC second moments) are all-reduced
+before the eigendecompositions, so every process holds the factors of all rows. With
+``max_rows`` the statistics come from a seeded random sample of the rows, scaled to n: the
+fitting passes then cost a fraction of a pass over the data.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
+import numpy as np
 import torch
 
 from ..gradients.hooks import GradientCollector, TrackedLayer
+from ..integrations.distributed import all_reduce_sum
 from ..logging import get_logger
 from ..tasks import Batch
 from .base import CurvatureContext, CurvatureError, Preconditioner
@@ -95,15 +103,41 @@ class KFAC(Preconditioner):
 
     Args:
         damping: λ (must be > 0 when some selected parameters are outside linear modules).
+        max_rows: Fit the statistics on a seeded random sample of this many training rows
+            (scaled by n / sample size) instead of all n: the fitting passes then cost
+            max_rows / n of a pass over the data. None: all rows (exact K-FAC / EK-FAC).
+        seed: Seed of that sample.
+
+    Raises:
+        ValueError: ``max_rows`` < 1.
     """
 
     name = "kfac"
     cacheable = True
 
-    def __init__(self, damping: float = 0.0) -> None:
+    def __init__(self, damping: float = 0.0, max_rows: Optional[int] = None,
+                 seed: int = 0) -> None:
         super().__init__(damping)
+        if max_rows is not None and max_rows < 1:
+            raise ValueError(f"max_rows must be >= 1 (or None for all rows), got {max_rows}.")
+        self.max_rows = max_rows
+        self.seed = seed
         self.modules: list[_Module] = []
         self.fallback: list[tuple[int, int]] = []
+
+    def config_dict(self) -> dict[str, Any]:
+        """Settings that change the result (the row sample included)."""
+        return {**super().config_dict(), "max_rows": self.max_rows,
+                "seed": self.seed if self.max_rows is not None else None}
+
+    def _rows(self, ctx: CurvatureContext) -> tuple[Optional[list[int]], float]:
+        """(rows the statistics are fitted on (None: all), scale n / sample size)."""
+        n = ctx.num_rows
+        if self.max_rows is None or self.max_rows >= n:
+            return None, 1.0
+        gen = np.random.default_rng(self.seed)
+        rows = np.sort(gen.choice(n, size=self.max_rows, replace=False)).tolist()
+        return rows, n / self.max_rows
 
     # -- structure ----------------------------------------------------------------------------
     def _setup(self, ctx: CurvatureContext) -> GradientCollector:
@@ -128,10 +162,10 @@ class KFAC(Preconditioner):
 
     def _passes(self, ctx: CurvatureContext, collector: GradientCollector,
                 desc: str) -> Iterator[tuple[Batch, list[list[tuple[torch.Tensor, torch.Tensor]]]]]:
-        """Yield (batch, per module [(a, g) per call]) for every training batch."""
+        """Yield (batch, per module [(a, g) per call]) for this process's training batches."""
         dtype = ctx.engine.dtype
         with ctx.differentiable(), collector:
-            for batch in ctx.batches(desc=desc):
+            for batch in ctx.batches(self._rows(ctx)[0], desc=desc, this_process=True):
                 collector.reset()
                 losses = ctx.engine.task.per_row_loss(ctx.model, batch)
                 if not torch.isfinite(losses.detach()).all():
@@ -164,7 +198,7 @@ class KFAC(Preconditioner):
         dev, dtype = ctx.engine.device, ctx.engine.dtype
         a_sum = [torch.zeros(m.inp, m.inp, dtype=dtype, device=dev) for m in self.modules]
         s_sum = [torch.zeros(m.out, m.out, dtype=dtype, device=dev) for m in self.modules]
-        count = [0] * len(self.modules)
+        count = torch.zeros(len(self.modules), dtype=torch.float64, device=dev)
         for batch, per_module in self._passes(ctx, collector, f"{self.name} factors"):
             for i, (m, calls) in enumerate(zip(self.modules, per_module)):
                 for a, g in calls:
@@ -176,11 +210,14 @@ class KFAC(Preconditioner):
                     a_sum[i] += a2.T @ a2
                     s_sum[i] += g2.T @ g2
                     count[i] += a2.shape[0]
+        for tensor in (*a_sum, *s_sum, count):  # statistics of every process's rows
+            all_reduce_sum(tensor)
+        scale = self._rows(ctx)[1]
         for i, m in enumerate(self.modules):
-            n = max(count[i], 1)
+            n = max(int(count[i].item()), 1)
             ea, m.qa = torch.linalg.eigh(a_sum[i] / n)
             es, m.qs = torch.linalg.eigh(s_sum[i] / n)
-            m.eig = n * torch.outer(es.clamp(min=0), ea.clamp(min=0))
+            m.eig = (n * scale) * torch.outer(es.clamp(min=0), ea.clamp(min=0))
 
     # -- applying ---------------------------------------------------------------------------
     def apply(self, vectors: torch.Tensor) -> torch.Tensor:
@@ -235,6 +272,8 @@ class EKFAC(KFAC):
 
     Args:
         damping: λ.
+        max_rows: As :class:`KFAC` (the same sample serves the factors and the eigenvalues).
+        seed: Seed of the sample.
     """
 
     name = "ekfac"
@@ -261,7 +300,8 @@ class EKFAC(KFAC):
                     g3 = g.reshape(rows, -1, m.out)
                     grad += g3.transpose(1, 2) @ a3
                 corrected[i] += ((m.qs.T @ grad @ m.qa) ** 2).sum(0)
+        scale = self._rows(ctx)[1]
         for m, eig in zip(self.modules, corrected):
-            m.eig = eig
+            m.eig = all_reduce_sum(eig) * scale
         self.fitted = True
 

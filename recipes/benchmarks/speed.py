@@ -10,9 +10,16 @@ articles truncated to 64 tokens. Every figure is a ratio to the floor measured i
 
 Each pass is timed ``--repeats`` times, interleaved, and the minimum is kept.
 
+End to end (``end_to_end`` in the JSON; see ``_speed_e2e.py``): TracIn, IF-identity, IF-EK-FAC
+and TRAK, fit (with a gradient store) + score of ``--queries`` query rows, at K = 64 and in
+point mode, as ratios to the end-to-end floor (one forward+backward pass over the training and
+query rows), with peak memory and store size. ``--scaling`` adds a small config-built model on
+n = 1k / 4k / 16k rows and the query-heavy case n = 100,000, m = 10,000.
+
 Usage::
 
     python recipes/benchmarks/speed.py [--rows 1024] [--json speed.json] [--quick]
+    python recipes/benchmarks/speed.py --repeats 3 --processes --scaling --json speed.json
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import argparse
 import json
 import os
 import re
+import sys
 import time
 from typing import Any, Callable
 
@@ -28,18 +36,9 @@ import numpy as np
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-
-def _floor_pass(model: Any, task: Any, dataset: Any, batch_size: int) -> None:
-    params = [p for p in model.parameters() if p.requires_grad]
-    prepared = task.prepare(dataset).select_columns(list(task.feature_columns))
-    model.eval()
-    for start in range(0, len(prepared), batch_size):
-        batch = task.collate(prepared[start:start + batch_size])
-        loss = task.per_row_loss(model, batch).sum()
-        loss.backward()
-    for p in params:
-        p.grad = None
+from _speed_e2e import end_to_end, floor_pass, query_heavy, scaling  # noqa: E402
 
 
 def _timed(fn: Callable[[], Any]) -> float:
@@ -67,12 +66,12 @@ def run(rows: int, batch_size: int, ks: list[int], repeats: int) -> dict[str, An
     rng = np.random.default_rng(0)
     grouped = {k: data.add_column("group_id", rng.permutation(np.arange(rows) % k).tolist())
                for k in ks}
-    passes: dict[str, Callable[[], Any]] = {"floor": lambda: _floor_pass(model, task, data,
+    passes: dict[str, Callable[[], Any]] = {"floor": lambda: floor_pass(model, task, data,
                                                                          batch_size)}
     for k in ks:
         passes[f"group_{k}"] = lambda k=k: engine.group_gradients(grouped[k])
     passes["point"] = lambda: engine.per_example_gradients(data)
-    _floor_pass(model, task, data.select(range(min(rows, 2 * batch_size))), batch_size)
+    floor_pass(model, task, data.select(range(min(rows, 2 * batch_size))), batch_size)
     times: dict[str, list[float]] = {name: [] for name in passes}
     for _ in range(repeats):
         for name, fn in passes.items():
@@ -87,6 +86,39 @@ def run(rows: int, batch_size: int, ks: list[int], repeats: int) -> dict[str, An
         "point_pass_ratio": best["point"] / floor,
         "seconds": best,
     }
+
+
+def run_end_to_end(rows: int, queries: int, batch_size: int, k: int,
+                   methods: list[str]) -> dict[str, Any]:
+    """Fit + score at K = ``k`` vs point mode for each method (MiniLM-L6 + LoRA, BBC News)."""
+    from hf_ggda.data import load_bbc_news, load_minilm_classifier
+    from hf_ggda.tasks import SequenceClassificationTask
+
+    model, tokenizer = load_minilm_classifier(num_labels=5, lora_r=8)
+    task = SequenceClassificationTask(tokenizer, max_length=64)
+    data = load_bbc_news(limit=rows + queries, seed=0)
+    train, query = data.select(range(rows)), data.select(range(rows, rows + queries))
+    return end_to_end(model, task, train, query, k, batch_size, methods)
+
+
+def _print_end_to_end(e2e: dict[str, Any]) -> None:
+    print(f"end to end (fit + score {e2e['queries']} queries; floor = forward+backward over "
+          f"train + query rows = {e2e['floor_s']:.2f} s, peak {e2e['floor_peak_mb']:.0f} MB)")
+    print(f"{'method':<12}{'K=' + str(e2e['k']):>9}{'point':>9}{'speedup':>9}"
+          f"{'peak MB':>9}{'(point)':>9}{'store MB':>10}{'(point)':>9}")
+    for name, r in e2e["methods"].items():
+        print(f"{name:<12}{r['group_ratio']:>8.3f}x{r['point_ratio']:>8.3f}x{r['speedup']:>8.2f}x"
+              f"{r['group_peak_mb']:>9.0f}{r['point_peak_mb']:>9.0f}{r['group_store_mb']:>10.1f}"
+              f"{r['point_store_mb']:>9.1f}")
+
+
+def _print_scaling(rows: list[dict[str, float]]) -> None:
+    print(f"{'n':>8}{'m':>7}{'floor s':>9}{'group s':>9}{'point s':>9}{'speedup':>9}"
+          f"{'floor MB':>9}{'group MB':>9}{'point MB':>9}")
+    for r in rows:
+        print(f"{r['rows']:>8}{r['queries']:>7}{r['floor_s']:>9.2f}{r['group_s']:>9.2f}"
+              f"{r['point_s']:>9.2f}{r['speedup']:>8.2f}x{r['floor_peak_mb']:>9.0f}"
+              f"{r['group_peak_mb']:>9.0f}{r['point_peak_mb']:>9.0f}")
 
 
 def _group_pass_seconds(rows: int, batch_size: int, k: int) -> float:
@@ -117,7 +149,6 @@ def _group_pass_seconds(rows: int, batch_size: int, k: int) -> float:
 def run_processes(rows: int, batch_size: int, k: int = 64) -> dict[str, float]:
     """Wall time of the K-group pass on 2 CPU processes (accelerate launch) vs 1 process."""
     import subprocess
-    import sys
     from pathlib import Path
 
     one = _group_pass_seconds(rows, batch_size, k)
@@ -141,6 +172,14 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="64 rows, 1 repeat (tests).")
     parser.add_argument("--processes", action="store_true",
                         help="Also time the K=64 group pass on 2 CPU processes vs 1.")
+    parser.add_argument("--queries", type=int, default=128,
+                        help="Query rows of the end-to-end comparison.")
+    parser.add_argument("--methods", nargs="*", default=["tracin", "if-identity", "if-ekfac",
+                                                         "if-ekfac-128", "trak"],
+                        help="Methods of the end-to-end comparison (empty: skip it).")
+    parser.add_argument("--scaling", action="store_true",
+                        help="Also run the scaling (n = 1k/4k/16k) and query-heavy (n = 100k, "
+                             "m = 10k) measurements on a small config-built model.")
     parser.add_argument("--inner-group-pass", type=int, default=None,
                         help=argparse.SUPPRESS)  # used by --processes under accelerate
     args = parser.parse_args()
@@ -149,7 +188,7 @@ def main() -> None:
         print(f"GGDA_TIMING {seconds}", flush=True)
         return
     if args.quick:
-        args.rows, args.repeats = 64, 1
+        args.rows, args.repeats, args.queries = 64, 1, 8
     ks = [k for k in (16, 64, 256) if k <= args.rows]
     result = run(args.rows, args.batch_size, ks, args.repeats)
     print(f"floor (tokenise + forward+backward, {result['rows']} rows): "
@@ -161,6 +200,19 @@ def main() -> None:
         result["processes"] = run_processes(args.rows, args.batch_size, min(64, args.rows))
         print(f"group pass on 2 CPU processes / 1 process: "
               f"{result['processes']['ratio_2_to_1']:.3f}")
+    if args.methods:
+        k = min(64, args.rows // 4)
+        result["end_to_end"] = run_end_to_end(args.rows, args.queries, args.batch_size, k,
+                                              args.methods)
+        _print_end_to_end(result["end_to_end"])
+    if args.scaling:
+        sizes, (n, m) = ([200, 400], (1000, 100)) if args.quick else \
+            ([1000, 4000, 16000], (100_000, 10_000))
+        result["scaling"] = scaling(sizes, m=100 if not args.quick else 10, k=64,
+                                    batch_size=128)
+        result["query_heavy"] = query_heavy(n, m, k=64, batch_size=128)
+        print("scaling (2-layer BERT, hidden 32, LoRA q,v r=8 + head; IF-identity K=64 vs point)")
+        _print_scaling(result["scaling"] + [result["query_heavy"]])
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(result, fh, indent=1)
