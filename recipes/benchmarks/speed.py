@@ -38,7 +38,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _speed_e2e import end_to_end, floor_pass, query_heavy, scaling  # noqa: E402
+from _speed_e2e import (end_to_end, exact_memory_accounting, floor_pass,  # noqa: E402
+                        query_heavy, scaling)
 
 
 def _timed(fn: Callable[[], Any]) -> float:
@@ -161,6 +162,17 @@ def run_processes(rows: int, batch_size: int, k: int = 64) -> dict[str, float]:
     return {"one_process_s": one, "two_processes_s": two, "ratio_2_to_1": two / one}
 
 
+def _passes(args: argparse.Namespace) -> dict[str, Any]:
+    ks = [k for k in (16, 64, 256) if k <= args.rows]
+    result = run(args.rows, args.batch_size, ks, args.repeats)
+    print(f"floor (tokenise + forward+backward, {result['rows']} rows): "
+          f"{result['floor_s']:.2f} s")
+    for k, ratio in result["group_pass_ratio"].items():
+        print(f"group pass K={k:>4}: {ratio:.3f} x floor")
+    print(f"point pass (K=n):  {result['point_pass_ratio']:.3f} x floor")
+    return result
+
+
 def main() -> None:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description=__doc__,
@@ -177,6 +189,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="*", default=["tracin", "if-identity", "if-ekfac",
                                                          "if-ekfac-128", "trak"],
                         help="Methods of the end-to-end comparison (empty: skip it).")
+    parser.add_argument("--no-passes", action="store_true",
+                        help="Skip the floor / group / point pass ratios (and --processes).")
     parser.add_argument("--scaling", action="store_true",
                         help="Also run the scaling (n = 1k/4k/16k) and query-heavy (n = 100k, "
                              "m = 10k) measurements on a small config-built model.")
@@ -189,17 +203,20 @@ def main() -> None:
         return
     if args.quick:
         args.rows, args.repeats, args.queries = 64, 1, 8
-    ks = [k for k in (16, 64, 256) if k <= args.rows]
-    result = run(args.rows, args.batch_size, ks, args.repeats)
-    print(f"floor (tokenise + forward+backward, {result['rows']} rows): "
-          f"{result['floor_s']:.2f} s")
-    for k, ratio in result["group_pass_ratio"].items():
-        print(f"group pass K={k:>4}: {ratio:.3f} x floor")
-    print(f"point pass (K=n):  {result['point_pass_ratio']:.3f} x floor")
-    if args.processes:
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    result: dict[str, Any] = {}
+    if not args.no_passes:
+        result = _passes(args)
+    if args.processes and not args.no_passes:
         result["processes"] = run_processes(args.rows, args.batch_size, min(64, args.rows))
         print(f"group pass on 2 CPU processes / 1 process: "
               f"{result['processes']['ratio_2_to_1']:.3f}")
+    if args.methods or args.scaling:
+        result["exact_memory_accounting"] = exact_memory_accounting()
     if args.methods:
         k = min(64, args.rows // 4)
         result["end_to_end"] = run_end_to_end(args.rows, args.queries, args.batch_size, k,
