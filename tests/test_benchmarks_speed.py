@@ -46,11 +46,16 @@ def test_scaling_quick_run_and_peak_memory_probe():
     rows = e2e.scaling([100, 200], m=5, k=8, batch_size=64)
     assert [r["rows"] for r in rows] == [100, 200]
     assert all(r["floor_s"] > 0 and r["group_s"] > 0 and r["point_s"] > 0 for r in rows)
-    import torch
+    import mmap
+    import time
 
     def allocate() -> None:
-        block = torch.ones(64 * 2**20 // 4)  # 64 MB, touched
-        assert float(block[-1]) == 1.0
+        # 64 MB mapped and touched (mmap: not served from memory the allocator kept from
+        # earlier tests), held while the sampler runs
+        with mmap.mmap(-1, 64 * 2**20) as block:
+            for offset in range(0, len(block), 4096):
+                block[offset] = 1
+            time.sleep(0.3)
 
     _, peak = e2e.measure(allocate)
     assert peak > 40  # the sampler sees a real allocation
