@@ -1,4 +1,4 @@
-"""The ``hf-ggda`` command: group, attribute, self-influence, and the packaged demo.
+"""The ``hf-ggda`` command: group, attribute, self-influence, prune, card, and the demo.
 
 Every subcommand reads local models and datasets (``save_to_disk`` folders or
 json/jsonl/csv/parquet files), takes its options from the config dataclasses (``--help`` lists
@@ -121,7 +121,37 @@ def _build_parser() -> argparse.ArgumentParser:
         m = s_methods.add_parser(name, help=(cfg.__doc__ or "").strip().splitlines()[0])
         _add_io(m, queries=False)
         cfg.add_arguments(m, prefix="m_", exclude=("attributor_type",))
+    _add_prune_and_card(sub)
     return parser
+
+
+def _add_prune_and_card(sub: Any) -> None:
+    from .pruning import RANKS
+
+    run_help = ("Output folder of `hf-ggda attribute` (its train/ dataset with the group "
+                "column, and scores/).")
+    prune = sub.add_parser("prune", help="Drop the least helpful groups of a scored run.")
+    prune.add_argument("--run", required=True, help=run_help)
+    prune.add_argument("--fraction", type=float, default=0.2,
+                       help="Share of the training rows to drop, in [0, 1).")
+    prune.add_argument("--rank", choices=RANKS, default="per-row",
+                       help="Order groups by score per row (a dense harm first) or in total.")
+    prune.add_argument("--balance-column", default=None,
+                       help="Drop the same share within each value of this column (e.g. "
+                            "label, when groups were made per class).")
+    prune.add_argument("--output", required=True,
+                       help="Folder for kept/ and dropped/ (save_to_disk) and pruning.json.")
+    card = sub.add_parser("card", help="Write an attribution card (README.md + PNG plots).")
+    card.add_argument("--run", required=True, help=run_help)
+    card.add_argument("--output", required=True, help="Card folder.")
+    card.add_argument("--model-name", default=None, help="Model name shown on the card.")
+    card.add_argument("--pretty-name", default=None, help="Title of the card.")
+    card.add_argument("--card-type", choices=("dataset", "model"), default="dataset",
+                      help="A Hub dataset card or model card.")
+    card.add_argument("--text-column", default="text", help="Column shown as example rows.")
+    card.add_argument("--label-column", default="label", help="Label column (if any).")
+    card.add_argument("--top-k", type=int, default=5, help="Most helpful / harmful groups shown.")
+    card.add_argument("--license", default=None, help="License in the card metadata.")
 
 
 def _file_options(path: Optional[str]) -> dict[str, Any]:
@@ -208,6 +238,51 @@ def _group(args: argparse.Namespace) -> None:
               f"{report.size_median}).")
 
 
+def _load_run(run: str) -> tuple[Any, Any]:
+    from .integrations.io import load_local_dataset
+    from .scores import GroupScores
+
+    folder = Path(run)
+    if not (folder / "scores").is_dir():
+        raise FileNotFoundError(f"No scores/ folder in {run!r}: pass the --output folder of "
+                                "`hf-ggda attribute` or `hf-ggda self-influence`.")
+    return load_local_dataset(str(folder / "train")), \
+        GroupScores.from_pretrained(folder / "scores")
+
+
+def _prune(args: argparse.Namespace) -> None:
+    from .integrations.hub import save_dataset_atomic
+    from .pruning import prune_dataset
+    from .store import atomic_write_bytes
+
+    train, scores = _load_run(args.run)
+    res = prune_dataset(train, scores, args.fraction, args.rank, args.balance_column)
+    out = Path(args.output)
+    save_dataset_atomic(res.kept, out / "kept")
+    save_dataset_atomic(res.dropped, out / "dropped")
+    report = {"fraction": args.fraction, "rank": args.rank,
+              "balance_column": args.balance_column, "rows": len(train),
+              "kept_rows": len(res.kept), "dropped_fraction": res.dropped_fraction,
+              "dropped_groups": [str(g) for g in res.dropped_groups]}
+    atomic_write_bytes(out / "pruning.json", json.dumps(report, indent=1).encode())
+    print(f"Wrote {out}: kept {len(res.kept)} of {len(train)} rows, dropped "
+          f"{len(res.dropped_groups)} groups ({100 * res.dropped_fraction:.1f}% of the rows).")
+
+
+def _card(args: argparse.Namespace) -> None:
+    from .integrations.cards import write_attribution_card
+    from .integrations.io import load_local_dataset
+
+    train, scores = _load_run(args.run)
+    queries = Path(args.run) / "queries"
+    readme = write_attribution_card(
+        args.output, scores, train, model_name=args.model_name, pretty_name=args.pretty_name,
+        card_type=args.card_type, text_column=args.text_column,
+        label_column=args.label_column, top_k=args.top_k, license=args.license,
+        query_dataset=load_local_dataset(str(queries)) if queries.is_dir() else None)
+    print(f"Wrote {readme} and its plots.")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``hf-ggda``.
 
@@ -223,6 +298,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                      seed=args.seed)
         elif args.command == "group":
             _group(args)
+        elif args.command == "prune":
+            _prune(args)
+        elif args.command == "card":
+            _card(args)
         else:
             _attribute(args, with_queries=args.command == "attribute")
     except (ValueError, RuntimeError, FileNotFoundError, FloatingPointError, KeyError) as err:

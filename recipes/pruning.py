@@ -81,50 +81,6 @@ def parse_args(argv: Optional[list[str]]) -> Any:
     return args
 
 
-def prune_order(group_scores: np.ndarray, sizes: np.ndarray, rank: str) -> np.ndarray:
-    """Group indices, least helpful first.
-
-    Args:
-        group_scores: (K,) scores summed over the validation set (> 0 helps).
-        sizes: (K,) group sizes.
-        rank: ``"per-row"`` (score / size) or ``"total"``.
-
-    Returns:
-        (K,) indices.
-    """
-    key = group_scores / sizes if rank == "per-row" else group_scores
-    return np.argsort(key, kind="stable")
-
-
-def choose_groups(order: np.ndarray, sizes: np.ndarray, class_of_group: np.ndarray,
-                  fraction: float, class_balance: bool) -> list[int]:
-    """Least helpful groups to drop: walk ``order`` and take every group that brings the number
-    of dropped rows closer to the budget (a group that would overshoot it by more than half its
-    size is skipped), per label or globally.
-
-    Args:
-        order: Group indices, least helpful first.
-        sizes: (K,) group sizes.
-        class_of_group: (K,) label of each group (groups are made within labels).
-        fraction: Share of rows to drop.
-        class_balance: Budget ``fraction`` × rows of each label separately.
-
-    Returns:
-        Indices of the groups to drop.
-    """
-    classes = np.unique(class_of_group) if class_balance else np.array([0])
-    owner = class_of_group if class_balance else np.zeros(len(sizes), dtype=np.int64)
-    chosen: list[int] = []
-    for c in classes:
-        budget = fraction * sizes[owner == c].sum()
-        total = 0
-        for k in order:
-            if owner[k] == c and total + sizes[k] / 2 < budget:
-                chosen.append(int(k))
-                total += int(sizes[k])
-    return chosen
-
-
 def key_of(fraction: float) -> str:
     """``0.2`` -> ``"20"`` (the suffix of the figure names)."""
     return f"{round(100 * fraction):d}"
@@ -139,6 +95,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     from hf_ggda.grouping import get_grouper
     from hf_ggda.integrations.cards import Curve, write_attribution_card
     from hf_ggda.integrations.hub import save_dataset_atomic
+    from hf_ggda.pruning import choose_groups, prune_order
     from hf_ggda.tasks import SequenceClassificationTask
     from hf_ggda.training import finetune_with_snapshots
 
@@ -201,7 +158,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             first = {"scores": scores, "grouped": grouped, "flags": pruned_flags,
                      "model": copy.deepcopy(model)}
         for f in args.fractions:
-            drop = choose_groups(order, sizes, class_of_group, f, not args.no_class_balance)
+            drop = choose_groups(order, sizes, f,
+                                 None if args.no_class_balance else class_of_group)
             keep = np.flatnonzero(~np.isin(group_of_row, drop))
             dropped[key_of(f)].append(1.0 - len(keep) / n)
             pruned_flags[key_of(f)] = np.isin(group_of_row, drop)

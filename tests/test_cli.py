@@ -124,3 +124,34 @@ def test_store_for_another_request_is_a_clean_cli_error(saved_model, capsys):
     assert "was made for a different request" in err and "max_length" in err
     assert "Traceback" not in err and not (d / "b").exists()
     assert main(common + ["--output", str(d / "b"), "--max-length", "12", "--overwrite"]) == 0
+
+
+def test_prune_and_card_from_an_attribute_run(saved_model, capsys):
+    d = saved_model
+    assert main(["group", "stratified", "--data", str(d / "train"), "--output",
+                 str(d / "grouped"), "--num-groups", "6"]) == 0
+    assert main(["attribute", "tracin", "--model", str(d / "base"), "--adapter",
+                 str(d / "adapter"), "--train", str(d / "grouped"), "--queries",
+                 str(d / "queries.jsonl"), "--output", str(d / "run"),
+                 "--max-length", "16"]) == 0
+    assert main(["prune", "--run", str(d / "run"), "--fraction", "0.3", "--balance-column",
+                 "label", "--output", str(d / "pruned")]) == 0
+    report = json.loads((d / "pruned" / "pruning.json").read_text())
+    kept = load_from_disk(str(d / "pruned" / "kept"))
+    dropped = load_from_disk(str(d / "pruned" / "dropped"))
+    assert len(kept) + len(dropped) == 30 and len(dropped) > 0
+    assert set(dropped["group_id"]) == {int(g) if g.isdigit() else g
+                                        for g in report["dropped_groups"]}
+    assert not set(kept["group_id"]) & set(dropped["group_id"])
+    # the dropped groups are the least helpful per row among the scored ones
+    train = load_from_disk(str(d / "run" / "train"))
+    per_row = {g: s for g, s in zip(train["group_id"], train["ggda_group_score"])}
+    sizes = {g: train["group_id"].count(g) for g in per_row}
+    worst = min(per_row, key=lambda g: per_row[g] / sizes[g])
+    assert worst in set(dropped["group_id"])
+    assert main(["card", "--run", str(d / "run"), "--output", str(d / "card"),
+                 "--model-name", "tiny-bert"]) == 0
+    readme = (d / "card" / "README.md").read_text()
+    assert "tiny-bert" in readme and (d / "card" / "score_distribution.png").stat().st_size > 0
+    assert main(["card", "--run", str(d), "--output", str(d / "card2")]) == 2
+    assert "No scores/ folder" in capsys.readouterr().err

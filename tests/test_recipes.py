@@ -196,24 +196,6 @@ def test_inspection_scores_put_drilled_rows_first() -> None:
         [1.0, 1.0]
 
 
-def test_prune_order_least_helpful_per_row_first() -> None:
-    pr = load_recipe("pruning")
-    scores, sizes = np.array([-4.0, -1.0, 3.0]), np.array([8, 1, 3])
-    assert pr.prune_order(scores, sizes, "per-row").tolist() == [1, 0, 2]
-    assert pr.prune_order(scores, sizes, "total").tolist() == [0, 1, 2]
-
-
-def test_choose_groups_keeps_to_the_budget_within_each_label() -> None:
-    pr = load_recipe("pruning")
-    sizes = np.array([10, 2, 2, 2, 5, 5, 5, 5])
-    classes = np.array([0, 0, 0, 0, 1, 1, 1, 1])
-    order = np.array([0, 4, 1, 5, 2, 3, 6, 7])
-    # label 0 (16 rows, budget 3.2): the 10-row group overshoots and is skipped; 2 + 2 rows
-    # overshoot by less than half a group. Label 1 (20 rows, budget 4): one group of 5.
-    assert pr.choose_groups(order, sizes, classes, 0.2, True) == [1, 2, 4]
-    assert pr.choose_groups(order, sizes, classes, 0.2, False) == [0]  # budget 7.2: 10 rows
-
-
 def test_make_mixture_corrupts_one_source() -> None:
     from datasets import ClassLabel, Dataset, Features, Value
 
