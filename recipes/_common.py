@@ -137,6 +137,32 @@ class Timings:
                 "cpu_s": {k: round(v, 2) for k, v in self.cpu.items()}}
 
 
+def make_attributor(method: str, model: Any, task: Any, snapshots: Sequence[Any], lr: float,
+                    batch_size: int, selection: Any) -> Any:
+    """GGDA-TracIn over training snapshots, or GGDA-Influence (identity) at the final weights.
+
+    Args:
+        method: ``"tracin"`` or ``"influence"``.
+        model: The fine-tuned model.
+        task: The attribution task.
+        snapshots: Parameter snapshots from :func:`hf_ggda.training.finetune_with_snapshots`.
+        lr: The fine-tuning learning rate (TracIn's step size at every snapshot).
+        batch_size: Rows per gradient pass.
+        selection: Attributed parameters.
+
+    Returns:
+        The unfitted attributor.
+    """
+    from hf_ggda.attributors import InfluenceConfig, InfluenceFunction, TracIn, TracInConfig
+
+    if method == "tracin":
+        return TracIn(model, task, TracInConfig(
+            learning_rates=[lr] * len(snapshots), batch_size=batch_size, selection=selection),
+            checkpoints=list(snapshots))
+    return InfluenceFunction(model, task, InfluenceConfig(
+        preconditioner="identity", batch_size=batch_size, selection=selection))
+
+
 def bbc_splits(sizes: Sequence[int], seed: int = 0) -> list[Dataset]:
     """Disjoint seeded splits of the packaged BBC News articles.
 

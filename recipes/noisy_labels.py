@@ -37,8 +37,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (HEAD_SELECTION, Timings, base_parser, bbc_splits, detection,  # noqa: E402
-                     flip_labels, predict, replace_column, sample_curve, say, select_until,
-                     setup_run, write_figures)
+                     flip_labels, make_attributor, predict, replace_column, sample_curve,
+                     say, select_until, setup_run, write_figures)
 
 FULL = {"train_rows": 1600, "val_rows": 200, "max_length": 64, "steps": 150, "groups": 100,
         "loop_sample": 48, "checkpoints": 3}
@@ -154,7 +154,6 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     """Run the recipe; returns (and writes) the figures."""
     args = parse_args(argv)
     out = setup_run(args)
-    from hf_ggda.attributors import InfluenceConfig, InfluenceFunction, TracIn, TracInConfig
     from hf_ggda.data import load_minilm_classifier
     from hf_ggda.gradients import EngineConfig, GradientEngine
     from hf_ggda.grouping import get_grouper
@@ -195,13 +194,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         grouper = get_grouper(args.grouper, **kwargs)
         grouped = grouper.assign(train, model=model, task=task) if grouper.uses_model \
             else grouper.assign(train)
-    if args.method == "tracin":
-        attributor: Any = TracIn(model, task, TracInConfig(
-            learning_rates=[args.lr] * len(snapshots), batch_size=args.attr_batch_size,
-            selection=selection), checkpoints=snapshots)
-    else:
-        attributor = InfluenceFunction(model, task, InfluenceConfig(
-            preconditioner="identity", batch_size=args.attr_batch_size, selection=selection))
+    attributor = make_attributor(args.method, model, task, snapshots, args.lr,
+                                 args.attr_batch_size, selection)
     with times.stage("group_gradients"):
         attributor.fit(grouped)
         group_si = attributor.self_scores().double().numpy()

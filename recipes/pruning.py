@@ -6,8 +6,9 @@ against a validation split (GGDA-TracIn over parameter snapshots taken during fi
 GGDA-Influence at the final weights with ``--method influence``; the validation loss summed:
 one query gradient per snapshot), and drop the groups with the lowest score per row, within
 each label, until about 10 / 20 / 30% of the rows are gone (groups that would overshoot the
-budget by more than half their size are skipped). Retrain from the same initialisation and seed, with the same number of
-steps, on the pruned data and on a random subset of the same size; measure test accuracy.
+budget by more than half their size are skipped; see :mod:`hf_ggda.pruning`). Retrain from
+the same initialisation and seed, with the same number of steps, on the pruned data and on a
+random subset of the same size; measure test accuracy.
 
 Run::
 
@@ -32,7 +33,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (HEAD_SELECTION, Timings, accuracy, base_parser, bbc_splits,  # noqa: E402
-                     flip_labels, replace_column, say, setup_run, write_figures)
+                     flip_labels, make_attributor, replace_column, say, setup_run,
+                     write_figures)
 
 FULL = {"train_rows": 1000, "val_rows": 200, "test_rows": 800, "max_length": 64,
         "steps": 80, "batch_size": 16, "groups": 64, "seeds": [0, 1, 2], "checkpoints": 4}
@@ -90,7 +92,6 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     """Run the recipe; returns (and writes) the figures."""
     args = parse_args(argv)
     out = setup_run(args)
-    from hf_ggda.attributors import InfluenceConfig, InfluenceFunction, TracIn, TracInConfig
     from hf_ggda.data import load_minilm_classifier
     from hf_ggda.grouping import get_grouper
     from hf_ggda.integrations.cards import Curve, write_attribution_card
@@ -134,14 +135,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                                   balanced=not args.unbalanced_groups, seed=seed)
             grouped = grouper.assign(train, model=model, task=task)
             selection = HEAD_SELECTION if args.selection == "head" else "auto"
-            if args.method == "tracin":
-                attributor: Any = TracIn(model, task, TracInConfig(
-                    learning_rates=[args.lr] * len(snapshots), batch_size=args.attr_batch_size,
-                    selection=selection), checkpoints=snapshots)
-            else:
-                attributor = InfluenceFunction(model, task, InfluenceConfig(
-                    preconditioner="identity", batch_size=args.attr_batch_size,
-                    selection=selection))
+            attributor = make_attributor(args.method, model, task, snapshots, args.lr,
+                                         args.attr_batch_size, selection)
             attributor.fit(grouped)
             scores = attributor.score(val, aggregate="sum")
         totals = scores.aggregated().double().numpy()
