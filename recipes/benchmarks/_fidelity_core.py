@@ -35,7 +35,11 @@ from hf_ggda.metrics import load_metric
 from hf_ggda.tasks import GROUP_COLUMN, AttributionTask
 
 #: Attribution methods of the grid (``if-exact`` needs a model small enough for the Hessian).
-METHODS: tuple[str, ...] = ("tracin", "if-identity", "if-ekfac", "if-exact", "trak")
+METHODS: tuple[str, ...] = ("tracin", "if-identity", "if-ekfac", "if-exact", "trak",
+                            "if-ekfac-128")
+#: Run only when asked for (``--methods``): the exact Hessian, and EK-FAC fitted on a seeded
+#: sample of 128 training rows (``InfluenceConfig.curvature_rows``).
+OPT_IN_METHODS: tuple[str, ...] = ("if-exact", "if-ekfac-128")
 #: Groupers of the grid.
 GROUPINGS: tuple[str, ...] = ("random", "kmeans-repr", "grad-kmeans")
 
@@ -96,8 +100,8 @@ class FidelitySetting(ABC):
         """Settings and training figures of this setting (JSON-friendly)."""
 
     def available_methods(self) -> list[str]:
-        """Methods that run on this setting (default: all but ``if-exact``)."""
-        return [m for m in METHODS if m != "if-exact"]
+        """Methods that run on this setting (default: all but :data:`OPT_IN_METHODS`)."""
+        return [m for m in METHODS if m not in OPT_IN_METHODS]
 
     def grouper_options(self, grouping: str) -> dict[str, Any]:
         """Extra grouper settings (default: none)."""
@@ -123,6 +127,10 @@ def build_attributor(setting: FidelitySetting, method: str) -> Attributor:
         return TracIn(model, task, TracInConfig(learning_rates=list(setting.learning_rates),
                                                 batch_size=opts.batch_size),
                       checkpoints=list(setting.checkpoints))
+    if method == "if-ekfac-128":
+        return InfluenceFunction(model, task, InfluenceConfig(
+            preconditioner="ekfac", damping=opts.damping, batch_size=opts.batch_size,
+            curvature_rows=128))
     if method.startswith("if-"):
         pre = method[3:]
         return InfluenceFunction(model, task, InfluenceConfig(

@@ -199,8 +199,9 @@ class LinearHeadSetting(FidelitySetting):
         return self._query_losses(theta)
 
     def available_methods(self) -> list[str]:
-        """Every method, ``if-exact`` included (a small head: (d + 1)·C parameters)."""
-        return list(METHODS)
+        """Every method, ``if-exact`` included (a small head: (d + 1)·C parameters); the
+        sampled EK-FAC only when asked for."""
+        return [m for m in METHODS if m != "if-ekfac-128"]
 
     def describe(self) -> dict[str, Any]:
         """Settings and training figures."""
