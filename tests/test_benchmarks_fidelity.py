@@ -64,7 +64,8 @@ def _check_result(result: dict, methods: list[str], groupings: list[str]) -> Non
 def test_quick_fast_setting(tmp_path: Path) -> None:
     result = _run_quick(tmp_path)
     assert result["setting"] == "fast" and result["quick"]
-    _check_result(result, list(METHODS), ["random", "kmeans-repr", "grad-kmeans"])
+    default = [m for m in METHODS if m != "if-ekfac-128"]  # the sampled EK-FAC is opt-in
+    _check_result(result, default, ["random", "kmeans-repr", "grad-kmeans"])
     # exact retraining of a convex model: the exact influence function predicts it well
     point = str(result["num_train"])
     assert result["group_lds"]["if-exact"]["random"][point] > 0.5
@@ -112,6 +113,15 @@ def test_subset_prediction_is_sum_of_point_scores(synthetic: LinearHeadSetting,
     scale = np.abs(from_points).max()
     np.testing.assert_allclose(predict_subsets(group, masks), from_points, rtol=1e-6,
                                atol=1e-9 * scale)
+
+
+def test_sampled_ekfac_is_exact_ekfac_below_its_sample_size(synthetic: LinearHeadSetting
+                                                             ) -> None:
+    n = len(synthetic.train)  # 48 rows < the 128-row sample: every row is used
+    grouped = with_groups(synthetic.train, np.arange(n))
+    exact, _ = attribute(synthetic, "if-ekfac", grouped, n)
+    sampled, _ = attribute(synthetic, "if-ekfac-128", grouped, n)
+    np.testing.assert_allclose(sampled, exact, rtol=1e-10, atol=0)
 
 
 def test_exact_influence_has_positive_lds_and_logo(synthetic: LinearHeadSetting) -> None:
