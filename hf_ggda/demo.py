@@ -59,7 +59,9 @@ def run_demo(output: str = "outputs/demo", quick: bool = False, num_groups: int 
     task = SequenceClassificationTask(tokenizer, max_length=size["max_length"])
     losses = finetune(model, task, train, steps=size["steps"], batch_size=16, lr=1e-3,
                       seed=seed)
-    grouper = get_grouper("grad-kmeans", num_groups=num_groups, per_class=True, seed=seed)
+    # equal-size groups within each class: no singleton or giant cluster dominates the ranking
+    grouper = get_grouper("grad-kmeans", num_groups=num_groups, per_class=True, balanced=True,
+                          seed=seed)
     train = grouper.assign(train, model=model, task=task)
     attributor = InfluenceFunction(model, task, InfluenceConfig(preconditioner="identity",
                                                                 batch_size=32))
