@@ -54,6 +54,26 @@ def base_parser(description: str, default_output: str) -> argparse.ArgumentParse
     return ap
 
 
+def parse_sized(ap: argparse.ArgumentParser, argv: Optional[list[str]],
+                full: Mapping[str, Any], quick: Mapping[str, Any]) -> argparse.Namespace:
+    """Parse ``argv``; every option left at None takes its full-mode or ``--quick`` value.
+
+    Args:
+        ap: The recipe's parser (from :func:`base_parser`).
+        argv: Command line (None: ``sys.argv``).
+        full: Sizes of the full run, by option name.
+        quick: Sizes of the ``--quick`` run.
+
+    Returns:
+        The parsed arguments.
+    """
+    args = ap.parse_args(argv)
+    for key, value in (quick if args.quick else full).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
 def setup_run(args: argparse.Namespace) -> Path:
     """Apply the common options: threads, seeds, quiet progress bars; create the output folder.
 
@@ -301,6 +321,21 @@ def detection(scores: Sequence[float], flags: Sequence[int],
     metric = load_metric("noisy_label_detection")
     return metric.compute(scores=[float(s) for s in scores], references=[int(f) for f in flags],
                           fractions=list(fractions), return_curve=True)
+
+
+def recall_figures(results: Mapping[str, Mapping[str, Any]],
+                   spec: Mapping[str, tuple[str, Sequence[str]]]) -> dict[str, Any]:
+    """Flatten :func:`detection` results into headline figures.
+
+    Args:
+        results: {ranking name: output of :func:`detection`}.
+        spec: {ranking name: (key prefix, metrics to keep)}, in output order.
+
+    Returns:
+        {prefix + metric: value}, e.g. ``loss_baseline_recall_at_20``.
+    """
+    return {prefix + metric: results[name][metric]
+            for name, (prefix, metrics) in spec.items() for metric in metrics}
 
 
 def sample_curve(result: Mapping[str, Any], points: int = 41) -> tuple[list[float], list[float]]:

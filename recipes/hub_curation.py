@@ -30,7 +30,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (Timings, accuracy, base_parser, bbc_splits, detection,  # noqa: E402
-                     flip_labels, replace_column, sample_curve, say, setup_run,
+                     flip_labels, parse_sized, replace_column, sample_curve, say, setup_run,
                      write_figures)
 
 FULL = {"train_rows": 1000, "val_rows": 200, "max_length": 64, "steps": 100}
@@ -54,10 +54,7 @@ def parse_args(argv: Optional[list[str]]) -> Any:
     ap.add_argument("--repo-id", type=str, default="hf-ggda/bbc-news-mixture-scored",
                     help="Hub dataset repository of the (dry-run) push.")
     ap.add_argument("--attr-batch-size", type=int, default=32, help="Rows per gradient pass.")
-    args = ap.parse_args(argv)
-    for key, value in (QUICK if args.quick else FULL).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    args = parse_sized(ap, argv, FULL, QUICK)
     if not 0.0 < args.corrupt_fraction <= 1.0:
         ap.error(f"--corrupt-fraction must be in (0, 1], got {args.corrupt_fraction}.")
     return args

@@ -40,8 +40,8 @@ from datasets import Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (Timings, base_parser, bbc_splits, detection, sample_curve,  # noqa: E402
-                     say, select_until, setup_run, write_figures)
+from _common import (Timings, base_parser, bbc_splits, detection, parse_sized,  # noqa: E402
+                     recall_figures, sample_curve, say, select_until, setup_run, write_figures)
 
 FULL = {"train_rows": 240, "val_rows": 40, "max_length": 64, "steps": 60, "groups": 24,
         "prompt_tokens": 40, "lr": 1e-3}
@@ -79,10 +79,7 @@ def parse_args(argv: Optional[list[str]]) -> Any:
     ap.add_argument("--tiny", action="store_true",
                     help="Use a tiny Llama with toy topics instead of SmolLM2 (implied by "
                          "--quick).")
-    args = ap.parse_args(argv)
-    for key, value in (QUICK if args.quick else FULL).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    args = parse_sized(ap, argv, FULL, QUICK)
     args.tiny = args.tiny or args.quick
     return args
 
@@ -301,13 +298,11 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                "group_only": detection(-per_row[[index[g] for g in grouped["group_id"]]],
                                        flags)}
     figures: dict[str, Any] = {
-        "recall_at_10": results["ggda"]["recall_at_10"],
-        "recall_at_20": results["ggda"]["recall_at_20"],
-        "auc": results["ggda"]["auc"],
-        "loss_baseline_recall_at_10": results["loss"]["recall_at_10"],
-        "loss_baseline_recall_at_20": results["loss"]["recall_at_20"],
-        "random_recall_at_10": results["random"]["recall_at_10"],
-        "group_only_recall_at_10": results["group_only"]["recall_at_10"],
+        **recall_figures(results, {
+            "ggda": ("", ("recall_at_10", "recall_at_20", "auc")),
+            "loss": ("loss_baseline_", ("recall_at_10", "recall_at_20")),
+            "random": ("random_", ("recall_at_10",)),
+            "group_only": ("group_only_", ("recall_at_10",))}),
         "drilled_fraction": len(drilled) / n,
         "corrupted_in_drilled": float(flags[drilled].sum() / max(flags.sum(), 1)),
         "model": model_name, "num_rows": n, "num_corrupted": int(flags.sum()),

@@ -37,14 +37,15 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (HEAD_SELECTION, Timings, base_parser, bbc_splits, detection,  # noqa: E402
-                     flip_labels, make_attributor, predict, replace_column, sample_curve,
-                     say, select_until, setup_run, write_figures)
+                     flip_labels, make_attributor, parse_sized, predict, recall_figures,
+                     replace_column, sample_curve, say, select_until, setup_run, write_figures)
 
 FULL = {"train_rows": 1600, "val_rows": 200, "max_length": 64, "steps": 150, "groups": 100,
         "loop_sample": 48, "checkpoints": 3}
 QUICK = {"train_rows": 128, "val_rows": 16, "max_length": 32, "steps": 10, "groups": 8,
          "loop_sample": 4, "checkpoints": 2}
 ROW_COLUMN = "row"
+RECALLS = ("recall_at_10", "recall_at_20")
 
 
 def parse_args(argv: Optional[list[str]]) -> Any:
@@ -79,10 +80,7 @@ def parse_args(argv: Optional[list[str]]) -> Any:
     ap.add_argument("--attr-batch-size", type=int, default=32, help="Rows per gradient pass.")
     ap.add_argument("--loop-sample", type=int, default=None,
                     help="Rows timed with a batch-1 gradient loop (0: skip).")
-    args = ap.parse_args(argv)
-    for key, value in (QUICK if args.quick else FULL).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    args = parse_sized(ap, argv, FULL, QUICK)
     if not 0.0 < args.drill <= 1.0:
         ap.error(f"--drill must be in (0, 1], got {args.drill}.")
     return args
@@ -241,18 +239,11 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     }
     group_cpu = times.total(group_path)
     figures: dict[str, Any] = {
-        "recall_at_10": results["ggda"]["recall_at_10"],
-        "recall_at_20": results["ggda"]["recall_at_20"],
-        "auc": results["ggda"]["auc"],
-        "loss_baseline_recall_at_10": results["loss"]["recall_at_10"],
-        "loss_baseline_recall_at_20": results["loss"]["recall_at_20"],
-        "random_recall_at_10": results["random"]["recall_at_10"],
-        "random_recall_at_20": results["random"]["recall_at_20"],
-        "point_recall_at_10": results["point"]["recall_at_10"],
-        "point_recall_at_20": results["point"]["recall_at_20"],
-        "group_only_recall_at_10": results["group_only"]["recall_at_10"],
-        "group_only_recall_at_20": results["group_only"]["recall_at_20"],
-        "validation_harm_recall_at_20": results["validation_harm"]["recall_at_20"],
+        **recall_figures(results, {
+            "ggda": ("", RECALLS + ("auc",)), "loss": ("loss_baseline_", RECALLS),
+            "random": ("random_", RECALLS), "point": ("point_", RECALLS),
+            "group_only": ("group_only_", RECALLS),
+            "validation_harm": ("validation_harm_", ("recall_at_20",))}),
         "cost_ratio_vs_point": group_cpu / times.cpu["point_self_influence"],
         "cost_ratio_vs_point_wall": times.total(group_path, "wall")
         / times.wall["point_self_influence"],

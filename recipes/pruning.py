@@ -33,7 +33,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (HEAD_SELECTION, Timings, accuracy, base_parser, bbc_splits,  # noqa: E402
-                     flip_labels, make_attributor, replace_column, say, setup_run,
+                     flip_labels, make_attributor, parse_sized, replace_column, say, setup_run,
                      write_figures)
 
 FULL = {"train_rows": 1000, "val_rows": 200, "test_rows": 800, "max_length": 64,
@@ -74,10 +74,7 @@ def parse_args(argv: Optional[list[str]]) -> Any:
     ap.add_argument("--noise", type=float, default=0.0,
                     help="Share of training labels flipped before everything (0: clean).")
     ap.add_argument("--attr-batch-size", type=int, default=32, help="Rows per gradient pass.")
-    args = ap.parse_args(argv)
-    for key, value in (QUICK if args.quick else FULL).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    args = parse_sized(ap, argv, FULL, QUICK)
     if any(not 0.0 < f < 1.0 for f in args.fractions):
         ap.error(f"--fractions must be in (0, 1), got {args.fractions}.")
     return args
