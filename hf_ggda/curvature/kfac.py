@@ -124,6 +124,8 @@ class KFAC(Preconditioner):
         self.seed = seed
         self.modules: list[_Module] = []
         self.fallback: list[tuple[int, int]] = []
+        self._sample: Optional[list[int]] = None  # rows the statistics come from (None: all)
+        self._scale = 1.0  # n / sample size
 
     def config_dict(self) -> dict[str, Any]:
         """Settings that change the result (the row sample included)."""
@@ -143,6 +145,7 @@ class KFAC(Preconditioner):
     def _setup(self, ctx: CurvatureContext) -> GradientCollector:
         collector = GradientCollector(ctx.model, ctx.engine.selection, ctx.engine.dtype)
         self.modules = []
+        self._sample, self._scale = self._rows(ctx)
         for t in collector.tracked:
             w = t.module.weight
             out, width = (w.shape[1], w.shape[0]) if t.transposed else (w.shape[0], w.shape[1])
@@ -165,7 +168,7 @@ class KFAC(Preconditioner):
         """Yield (batch, per module [(a, g) per call]) for this process's training batches."""
         dtype = ctx.engine.dtype
         with ctx.differentiable(), collector:
-            for batch in ctx.batches(self._rows(ctx)[0], desc=desc, this_process=True):
+            for batch in ctx.batches(self._sample, desc=desc, this_process=True):
                 collector.reset()
                 losses = ctx.engine.task.per_row_loss(ctx.model, batch)
                 if not torch.isfinite(losses.detach()).all():
@@ -212,12 +215,11 @@ class KFAC(Preconditioner):
                     count[i] += a2.shape[0]
         for tensor in (*a_sum, *s_sum, count):  # statistics of every process's rows
             all_reduce_sum(tensor)
-        scale = self._rows(ctx)[1]
         for i, m in enumerate(self.modules):
             n = max(int(count[i].item()), 1)
             ea, m.qa = torch.linalg.eigh(a_sum[i] / n)
             es, m.qs = torch.linalg.eigh(s_sum[i] / n)
-            m.eig = (n * scale) * torch.outer(es.clamp(min=0), ea.clamp(min=0))
+            m.eig = (n * self._scale) * torch.outer(es.clamp(min=0), ea.clamp(min=0))
 
     # -- applying ---------------------------------------------------------------------------
     def apply(self, vectors: torch.Tensor) -> torch.Tensor:
@@ -300,8 +302,7 @@ class EKFAC(KFAC):
                     g3 = g.reshape(rows, -1, m.out)
                     grad += g3.transpose(1, 2) @ a3
                 corrected[i] += ((m.qs.T @ grad @ m.qa) ** 2).sum(0)
-        scale = self._rows(ctx)[1]
         for m, eig in zip(self.modules, corrected):
-            m.eig = all_reduce_sum(eig) * scale
+            m.eig = all_reduce_sum(eig) * self._scale
         self.fitted = True
 
