@@ -34,11 +34,18 @@ def test_end_to_end_quick_run():
     e2e = module.run_end_to_end(rows=32, queries=4, batch_size=16, k=8, methods=methods)
     assert e2e["floor_s"] > 0 and e2e["k"] == 8 and e2e["queries"] == 4
     assert set(e2e["methods"]) == set(methods)
-    for row in e2e["methods"].values():
-        assert row["speedup"] == row["point_s"] / row["group_s"]
-        assert row["group_ratio"] == row["group_s"] / e2e["floor_s"]
-        assert 0 < row["group_store_mb"] < row["point_store_mb"]  # K x d vs n x d on disk
-        assert all(math.isfinite(row[k]) for k in ("group_peak_mb", "point_peak_mb"))
+    for name, row in e2e["methods"].items():
+        groupings = ("grad-kmeans-1pass", "grad-kmeans-2pass", "random")
+        assert row["speedup"] == row["point"]["s"] / min(row[g]["s"] for g in groupings)
+        for g in groupings + ("point",):
+            assert row[g]["ratio"] == row[g]["s"] / e2e["floor_s"]
+            assert row[g]["ratio_per_checkpoint"] == row[g]["ratio"] / row["checkpoints"]
+            assert math.isfinite(row[g]["peak_mb"])
+        assert 0 < row["random"]["store_mb"] < row["point"]["store_mb"]  # K x d vs n x d
+        assert row["checkpoints"] == (2 if name == "tracin" else 1)
+        # the one-pass grouping finds the same groups and the same scores
+        same = e2e["agreement"][f"{name}: 1-pass vs 2-pass grouping"]
+        assert same["same_groups"] and same["pearson"] > 0.999999
 
 
 def test_scaling_quick_run_and_peak_memory_probe():

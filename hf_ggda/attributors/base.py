@@ -27,7 +27,8 @@ from abc import ABC
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, ClassVar, ContextManager, Mapping, Optional, Sequence, Union
+from typing import (TYPE_CHECKING, Any, Callable, ClassVar, ContextManager, Iterator, Mapping, Optional,
+                    Sequence, Union)
 
 import numpy as np
 import torch
@@ -39,12 +40,16 @@ from ..curvature import CurvatureContext, Preconditioner
 from ..errors import (GroupingError, MissingColumnError, NotFittedError,
                       TokenizationMismatchError)
 from ..fingerprint import hash_json
-from ..gradients.engine import EngineConfig, GradientEngine, GroupGradients, RowFn
+from ..gradients.engine import EngineConfig, GradientEngine, GroupGradients, RowFn, plan_groups
+from ..gradients.taps import PassTap
 from ..logging import get_logger
 from ..params import ParameterSelection
 from ..scores import GroupScores
 from ..tasks import GROUP_COLUMN, ROW_COLUMN, AttributionTask
 from .checkpoints import Checkpoint
+
+if TYPE_CHECKING:
+    from ..grouping.base import Grouper
 
 logger = get_logger(__name__)
 
@@ -131,6 +136,8 @@ class _Part:
     train: torch.Tensor  # (K, p) after the training-side transform
     preconditioner: Optional[Preconditioner]
     fingerprint: dict[str, Any]
+    group_ids: list[Any] = field(default_factory=list)
+    sizes: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
 
 @dataclass
@@ -236,16 +243,33 @@ class Attributor(ABC):
         return CurvatureContext(engine, train)
 
     # -- public API ------------------------------------------------------------------------
+    def prepare_pass(self, index: int, component: Component, engine: GradientEngine,
+                     train: Dataset, store: Optional[Path]) -> list[PassTap]:
+        """Taps whose statistics the component's training pass should collect (default: none;
+        influence functions collect their K-FAC factors there)."""
+        return []
+
     def fit(self, train_dataset: Dataset, group_column: str = GROUP_COLUMN,
             store: Optional[str | os.PathLike[str]] = None,
-            overwrite: bool = False) -> "Attributor":
+            overwrite: bool = False, grouper: Optional["Grouper"] = None) -> "Attributor":
         """Compute and keep the group vectors (and curvature / kernels) of the training data.
 
+        With a ``grouper`` the rows are grouped inside the fit. For Grad-K-Means (the
+        grouping features are the output layer's gradients) that takes no pass of its own:
+        one pass at the last component computes the per-example vectors, the K-FAC factors
+        and the grouping features; the groups are then clustered and their vectors are the
+        sums of their members' (exact by linearity; EK-FAC takes its eigenvalues from the same
+        per-example vectors). The grouped rows are :attr:`train_dataset`.
+
         Args:
-            train_dataset: Raw training rows with a group column.
-            group_column: Column of group ids (use a row-index column for point mode).
+            train_dataset: Raw training rows with a group column (or any rows, with
+                ``grouper``).
+            group_column: Column of group ids (use a row-index column for point mode); with
+                ``grouper``, the grouper's column ``group_id``.
             store: Folder for resumable gradient stores and cached curvature (None: memory).
             overwrite: Replace stores made for another request instead of raising.
+            grouper: Group the rows inside the fit (see above); other groupers run their
+                own ``assign`` first.
 
         Returns:
             ``self``.
@@ -256,20 +280,20 @@ class Attributor(ABC):
             StoreMismatchError: ``store`` holds results of another request.
             NonFiniteError: A loss or gradient is NaN/Inf.
         """
+        base = None if store is None else Path(store)
+        subs = [None if base is None else base / f"component-{c}"
+                for c in range(len(self.components))]
+        first: dict[int, _Part] = {}
+        if grouper is not None:
+            group_column = GROUP_COLUMN
+            train_dataset, first = self._fit_grouping(train_dataset, grouper, subs, overwrite)
         parts, ids, sizes = [], None, None
         for c, comp in enumerate(self.components):
-            engine = self._engine(c, comp)
-            sub = None if store is None else Path(store) / f"component-{c}"
-            with comp.activate(self.model):
-                groups = engine.group_gradients(
-                    train_dataset, group_column, overwrite=overwrite, fn=self.train_fn(),
-                    store=None if sub is None else str(sub / "groups"))
-                pre = self.fit_preconditioner(comp, engine, train_dataset, groups, sub)
-                part = _Part(groups.gradients, groups.gradients, pre, groups.fingerprint)
-                part.train = self._transform(part, groups.gradients, "train")
-            if ids is not None and groups.group_ids != ids:
+            part = first.get(c) or self._fit_component(c, comp, train_dataset, group_column,
+                                                       subs[c], overwrite)
+            if ids is not None and part.group_ids != ids:
                 raise GroupingError("Components disagree on the group ids.")
-            ids, sizes = groups.group_ids, groups.sizes
+            ids, sizes = part.group_ids, part.sizes
             parts.append(part)
         self._fit = _Fit(train_dataset, group_column, list(ids or []), np.asarray(sizes), parts,
                          task_config=self.task.config_dict())
@@ -277,6 +301,69 @@ class Attributor(ABC):
         logger.info("%s fitted on %d rows in %d groups.", type(self).__name__,
                     len(train_dataset), len(self._fit.group_ids))
         return self
+
+    @property
+    def train_dataset(self) -> Dataset:
+        """The fitted training rows (with their group column).
+
+        Raises:
+            NotFittedError: Not fitted.
+        """
+        return self._require_fit().dataset
+
+    def _fit_component(self, c: int, comp: Component, train: Dataset, group_column: str,
+                       sub: Optional[Path], overwrite: bool) -> _Part:
+        engine = self._engine(c, comp)
+        with comp.activate(self.model):
+            taps = self.prepare_pass(c, comp, engine, train, sub)
+            groups = engine.group_gradients(
+                train, group_column, overwrite=overwrite, fn=self.train_fn(),
+                store=None if sub is None else str(sub / "groups"), taps=taps)
+            if bool((groups.sizes == 1).all()):  # point mode: the vectors are per-row
+                groups.extras["row_vectors"] = _row_vectors(
+                    groups.gradients, plan_groups(train[group_column], 1).order)
+            return self._finish_part(comp, engine, train, groups, sub)
+
+    def _finish_part(self, comp: Component, engine: GradientEngine, train: Dataset,
+                     groups: GroupGradients, sub: Optional[Path]) -> _Part:
+        pre = self.fit_preconditioner(comp, engine, train, groups, sub)
+        part = _Part(groups.gradients, groups.gradients, pre, groups.fingerprint,
+                     groups.group_ids, groups.sizes)
+        part.train = self._transform(part, groups.gradients, "train")
+        return part
+
+    def _fit_grouping(self, train: Dataset, grouper: "Grouper", subs: list[Optional[Path]],
+                      overwrite: bool) -> tuple[Dataset, dict[int, _Part]]:
+        """Group ``train`` (one pass for Grad-K-Means) and fit the last component with it."""
+        c = len(self.components) - 1
+        comp = self.components[c]
+        engine = self._engine(c, comp)
+        if not getattr(grouper, "accepts_pass_features", False):
+            with comp.activate(self.model):
+                return grouper.assign(train, model=self.model, task=self.task), {}
+        sub = subs[c]
+        with comp.activate(self.model):
+            feature_tap = grouper.pass_tap(self.model, self.task, len(train),  # type: ignore
+                                           sign=self.train_sign())
+            taps = self.prepare_pass(c, comp, engine, train, sub) + [feature_tap]
+            points = engine.per_example_gradients(
+                train, fn=self.train_fn(), taps=taps, overwrite=overwrite,
+                store=None if sub is None else str(sub / "points"))
+            if points.fresh:
+                grouped = grouper.assign(train, features=feature_tap.matrix())  # type: ignore
+            else:  # resumed from a point store: the features were not seen in this pass
+                grouped = grouper.assign(train, model=self.model, task=self.task)
+            groups = engine.sum_into_groups(points, grouped, GROUP_COLUMN, self.train_fn())
+            groups.extras = {**points.extras,
+                             "row_vectors": _row_vectors(points.gradients,
+                                                         np.arange(len(train)))}
+            part = self._finish_part(comp, engine, grouped, groups, sub)
+        return grouped, {c: part}
+
+    def train_sign(self) -> float:
+        """Sign of the training function's logit-gradient relative to the loss's (+1: it is
+        the loss; TRAK's Q·margin has −1). Grouping features are multiplied by it."""
+        return 1.0
 
     @property
     def group_ids(self) -> list[Any]:
@@ -467,3 +554,12 @@ class Attributor(ABC):
         logger.info("Drill-down: %d rows of %d groups.", len(rows), len(chosen))
         return replace(scores, point_scores=point, point_rows=keys,
                        point_groups=[values[i] for i in rows], point_key=key)
+
+
+def _row_vectors(vectors: torch.Tensor, rows: np.ndarray,
+                 chunk: int = 256) -> Callable[[], Iterator[tuple[list[int], torch.Tensor]]]:
+    """Chunks of (dataset rows, per-row vectors) for vectors ordered like ``rows``."""
+    def chunks() -> Iterator[tuple[list[int], torch.Tensor]]:
+        for start in range(0, len(rows), chunk):
+            yield rows[start:start + chunk].tolist(), vectors[start:start + chunk]
+    return chunks

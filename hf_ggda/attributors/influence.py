@@ -23,7 +23,9 @@ import torch
 from datasets import Dataset
 
 from ..curvature import PRECONDITIONERS, Preconditioner, make_preconditioner
+from ..curvature.base import CurvatureContext
 from ..gradients.engine import EngineConfig, GradientEngine, GroupGradients
+from ..gradients.taps import PassTap
 from ..logging import get_logger
 from .base import Attributor, AttributorConfig, Component
 from .registry import register_attributor
@@ -130,6 +132,14 @@ class InfluenceFunction(Attributor):
     config_class = InfluenceConfig
     config: InfluenceConfig
 
+    def __init__(self, model: torch.nn.Module, task: Any,
+                 config: Optional[InfluenceConfig] = None) -> None:
+        super().__init__(model, task, config)
+        #: Per component (by id): preconditioner, its context and pass tap, between the
+        #: start of the training pass and :meth:`fit_preconditioner`.
+        self._prepared: dict[int, tuple[Preconditioner, CurvatureContext,
+                                        Optional[PassTap]]] = {}
+
     def engine_config(self, component: Component) -> EngineConfig:
         """Engine settings (projection only with the identity)."""
         cfg = self.config
@@ -137,10 +147,35 @@ class InfluenceFunction(Attributor):
                             projection_dim=cfg.projection_dim,
                             projection_kind=cfg.projection_kind, seed=cfg.seed)
 
+    def _cache(self, store: Optional[Path]) -> Optional[Path]:
+        name = self.config.preconditioner
+        return None if store is None else store / f"curvature-{name}.safetensors"
+
+    def prepare_pass(self, index: int, component: Component, engine: GradientEngine,
+                     train: Dataset, store: Optional[Path]) -> list[PassTap]:
+        """Reload the curvature cached in ``store``, or hand the training pass a tap for the
+        K-FAC / EK-FAC factors (so they cost no pass of their own).
+
+        Raises:
+            ValueError: Non-linear parameters with K-FAC and no damping.
+        """
+        name = self.config.preconditioner
+        if name == "identity":
+            return []
+        pre = make_preconditioner(name, **self.config.preconditioner_options())
+        ctx = self.curvature_context(engine, train)
+        tap = None if pre.try_load(ctx, self._cache(store)) else pre.pass_tap(ctx)
+        self._prepared[id(component)] = (pre, ctx, tap)
+        return [tap] if tap is not None else []
+
     def fit_preconditioner(self, component: Component, engine: GradientEngine,
                            train: Dataset, groups: GroupGradients,
                            store: Optional[Path]) -> Optional[Preconditioner]:
-        """Fit (or reload from ``store``) the configured preconditioner on ``train``.
+        """Finish (or fit, or reload from ``store``) the configured preconditioner on ``train``.
+
+        Statistics collected by the training pass (:meth:`prepare_pass`) are used when that
+        pass computed every row; EK-FAC's eigenvalues come from the per-row gradients when the
+        pass kept them (point mode, one-pass grouping), else from one more pass.
 
         Raises:
             ValueError: The exact Hessian is too large, or non-linear parameters with K-FAC
@@ -149,9 +184,20 @@ class InfluenceFunction(Attributor):
         name = self.config.preconditioner
         if name == "identity":
             return None
-        pre = make_preconditioner(name, **self.config.preconditioner_options())
-        cache = None if store is None else store / f"curvature-{name}.safetensors"
-        pre.fit_or_load(self.curvature_context(engine, train), cache)
+        cache = self._cache(store)
+        prepared = self._prepared.pop(id(component), None)
+        if prepared is None:
+            pre = make_preconditioner(name, **self.config.preconditioner_options())
+            pre.fit_or_load(self.curvature_context(engine, train), cache)
+            return pre
+        pre, ctx, tap = prepared
+        if pre.fitted:  # reloaded from the cache
+            return pre
+        if tap is not None and groups.fresh:
+            pre.fit_from_pass(ctx, tap, groups.extras.get("row_vectors"))
+        else:
+            pre.fit(ctx)
+        pre.save(ctx, cache)
         return pre
 
     def postprocess(self, vectors: torch.Tensor) -> torch.Tensor:

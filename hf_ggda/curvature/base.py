@@ -18,7 +18,7 @@ import contextlib
 import json
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, ClassVar, Iterator, Optional, Sequence
+from typing import Any, Callable, ClassVar, Iterator, Optional, Sequence
 
 import torch
 from datasets import Dataset
@@ -29,12 +29,16 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from ..errors import GGDAError, NotFittedError
 from ..fingerprint import hash_json
 from ..gradients.engine import GradientEngine
+from ..gradients.taps import PassTap
 from ..integrations.distributed import rank_and_world
 from ..logging import get_logger, progress
 from ..store import atomic_write_bytes
 from ..tasks import Batch
 
 logger = get_logger(__name__)
+
+#: Yields (dataset rows, (N, d) unprojected per-row gradients of the training loss) chunks.
+RowVectors = Callable[[], Iterator[tuple[Sequence[int], torch.Tensor]]]
 
 
 class CurvatureError(GGDAError, FloatingPointError):
@@ -74,6 +78,13 @@ class CurvatureContext:
 
     def batches(self, rows: Optional[Sequence[int]] = None,
                 desc: Optional[str] = None, this_process: bool = False) -> Iterator[Batch]:
+        """Yield collated batches on the model's device (see :meth:`indexed_batches`)."""
+        for _, batch in self.indexed_batches(rows, desc, this_process):
+            yield batch
+
+    def indexed_batches(self, rows: Optional[Sequence[int]] = None,
+                        desc: Optional[str] = None,
+                        this_process: bool = False) -> Iterator[tuple[list[int], Batch]]:
         """Yield collated batches on the model's device.
 
         Args:
@@ -83,7 +94,7 @@ class CurvatureContext:
                 size), for statistics that are then summed over processes.
 
         Yields:
-            Batches of at most ``engine.config.batch_size`` rows.
+            (dataset rows, batch) for batches of at most ``engine.config.batch_size`` rows.
         """
         index = list(range(self.num_rows)) if rows is None else [int(r) for r in rows]
         bs = self.engine.config.batch_size
@@ -92,7 +103,8 @@ class CurvatureContext:
             rank, world = rank_and_world()
             starts = starts[rank::world]
         for start in (progress(starts, desc=desc, unit="batch") if desc else starts):
-            yield self.engine.collate_rows(self.features, index[start:start + bs])
+            chunk = index[start:start + bs]
+            yield chunk, self.engine.collate_rows(self.features, chunk)
 
     def fingerprint(self) -> str:
         """Hash of what curvature depends on: model, selection, task and training rows."""
@@ -190,6 +202,65 @@ class Preconditioner(ABC):
         if not self.fitted:
             raise NotFittedError(f"{type(self).__name__} is not fitted; call fit() first.")
 
+    # -- fused passes ---------------------------------------------------------------------------
+    def pass_tap(self, ctx: CurvatureContext) -> Optional[PassTap]:
+        """A tap that collects this preconditioner's statistics during the engine's gradient
+        pass over ``ctx``'s rows (the training loss), or None when it needs passes of its own.
+
+        Raises:
+            ValueError: As :meth:`fit`.
+        """
+        return None
+
+    def fit_from_pass(self, ctx: CurvatureContext, tap: PassTap,
+                      row_vectors: Optional[RowVectors] = None) -> None:
+        """Finish fitting from the statistics ``tap`` collected over every row of ``ctx``.
+
+        Args:
+            ctx: The training context.
+            tap: The tap returned by :meth:`pass_tap`, fed by a complete pass.
+            row_vectors: The per-row training gradients, when the pass kept them (EK-FAC
+                takes its eigenvalues from them instead of a second pass).
+
+        Raises:
+            NotImplementedError: The preconditioner has no tap.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no fused statistics.")
+
+    # -- caching ------------------------------------------------------------------------------
+    def _cache_fingerprint(self, ctx: CurvatureContext) -> str:
+        return hash_json([ctx.fingerprint(), self.cache_key()])
+
+    def try_load(self, ctx: CurvatureContext, cache: Optional[Path]) -> bool:
+        """Reload a state cached at ``cache`` for the same model, rows and settings.
+
+        Returns:
+            Whether it was loaded (False: no cache, another request, or unreadable).
+        """
+        if cache is None or not self.cacheable or not cache.exists():
+            return False
+        fingerprint = self._cache_fingerprint(ctx)
+        try:
+            with safe_open(str(cache), framework="pt") as fh:
+                if (fh.metadata() or {}).get("fingerprint") != fingerprint:
+                    return False
+                state = {k: fh.get_tensor(k) for k in fh.keys()}
+            self.load_state_dict(ctx, state)
+        except Exception as err:  # unreadable cache: recompute
+            logger.warning("Ignoring unreadable curvature cache %s (%s).", cache, err)
+            return False
+        logger.info("Loaded %s curvature from %s.", self.name, cache)
+        return True
+
+    def save(self, ctx: CurvatureContext, cache: Optional[Path]) -> None:
+        """Write the fitted state to ``cache`` (temp file, then rename); no-op when None."""
+        if cache is None or not self.cacheable:
+            return
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        meta = {"fingerprint": self._cache_fingerprint(ctx),
+                "config": json.dumps(self.config_dict())}
+        atomic_write_bytes(cache, st_save(state, metadata=meta))
+
     def fit_or_load(self, ctx: CurvatureContext, cache: Optional[Path] = None) -> None:
         """Fit, or reload a state cached at ``cache`` for the same model, rows and settings.
 
@@ -200,24 +271,10 @@ class Preconditioner(ABC):
         Raises:
             ValueError: As :meth:`fit`.
         """
-        if cache is None or not self.cacheable:
-            self.fit(ctx)
+        if self.try_load(ctx, cache):
             return
-        fingerprint = hash_json([ctx.fingerprint(), self.cache_key()])
-        if cache.exists():
-            try:
-                with safe_open(str(cache), framework="pt") as fh:
-                    if (fh.metadata() or {}).get("fingerprint") == fingerprint:
-                        state = {k: fh.get_tensor(k) for k in fh.keys()}
-                        self.load_state_dict(ctx, state)
-                        logger.info("Loaded %s curvature from %s.", self.name, cache)
-                        return
-            except Exception as err:  # unreadable cache: recompute
-                logger.warning("Ignoring unreadable curvature cache %s (%s).", cache, err)
         self.fit(ctx)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        meta = {"fingerprint": fingerprint, "config": json.dumps(self.config_dict())}
-        atomic_write_bytes(cache, st_save(state, metadata=meta))
+        self.save(ctx, cache)
 
 
 class IdentityPreconditioner(Preconditioner):

@@ -30,16 +30,17 @@ fitting passes then cost a fraction of a pass over the data.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
 
 from ..gradients.hooks import GradientCollector, TrackedLayer
+from ..gradients.taps import Calls, PassTap
 from ..integrations.distributed import all_reduce_sum
 from ..logging import get_logger
 from ..tasks import Batch
-from .base import CurvatureContext, CurvatureError, Preconditioner
+from .base import CurvatureContext, CurvatureError, Preconditioner, RowVectors
 
 logger = get_logger(__name__)
 
@@ -163,62 +164,64 @@ class KFAC(Preconditioner):
                            collector.fallback[0])
         return collector
 
-    def _passes(self, ctx: CurvatureContext, collector: GradientCollector,
-                desc: str) -> Iterator[tuple[Batch, list[list[tuple[torch.Tensor, torch.Tensor]]]]]:
-        """Yield (batch, per module [(a, g) per call]) for this process's training batches."""
-        dtype = ctx.engine.dtype
+    def _passes(self, ctx: CurvatureContext, collector: GradientCollector, tap: PassTap,
+                desc: str) -> None:
+        """Feed ``tap`` one forward+backward pass over this process's (sampled) training rows."""
         with ctx.differentiable(), collector:
-            for batch in ctx.batches(self._sample, desc=desc, this_process=True):
+            for rows, batch in ctx.indexed_batches(self._sample, desc=desc, this_process=True):
                 collector.reset()
                 losses = ctx.engine.task.per_row_loss(ctx.model, batch)
                 if not torch.isfinite(losses.detach()).all():
                     raise CurvatureError(f"A training loss is NaN/Inf while fitting {self.name}.")
-                outputs = [y for m in self.modules for (_, y) in m.tracked.calls]
+                layers = [m.tracked for m in self.modules]
+                outputs = [y for t in layers for (_, y) in t.calls]
                 grads = torch.autograd.grad(losses.sum(), outputs, allow_unused=True)
-                pos, per_module = 0, []
-                for m in self.modules:
-                    calls = []
-                    for a, _ in m.tracked.calls:
-                        g = grads[pos]
+                pos, calls = 0, {}
+                for t in layers:
+                    pairs = []
+                    for a, _ in t.calls:
+                        if grads[pos] is not None:
+                            pairs.append((a, grads[pos]))
                         pos += 1
-                        if g is not None:
-                            calls.append((a.to(dtype), g.detach().to(dtype)))
-                    per_module.append(calls)
-                yield batch, per_module
+                    calls[id(t.module)] = pairs
+                tap.observe(batch, rows, calls)
+        tap.finish()
 
     # -- fitting ------------------------------------------------------------------------------
     def fit(self, ctx: CurvatureContext) -> None:
-        """Accumulate A and S over the training tokens and eigendecompose them.
+        """Accumulate A and S over the training tokens and eigendecompose them (one pass).
 
         Raises:
             ValueError: Non-linear parameters are selected and damping is 0.
             CurvatureError: A loss is NaN/Inf.
         """
-        self._fit_factors(ctx, self._setup(ctx))
+        collector = self._setup(ctx)
+        tap = _FactorTap(self, ctx)
+        self._passes(ctx, collector, tap, f"{self.name} factors")
+        self._eigen_factors(tap)
         self.fitted = True
 
-    def _fit_factors(self, ctx: CurvatureContext, collector: GradientCollector) -> None:
-        dev, dtype = ctx.engine.device, ctx.engine.dtype
-        a_sum = [torch.zeros(m.inp, m.inp, dtype=dtype, device=dev) for m in self.modules]
-        s_sum = [torch.zeros(m.out, m.out, dtype=dtype, device=dev) for m in self.modules]
-        count = torch.zeros(len(self.modules), dtype=torch.float64, device=dev)
-        for batch, per_module in self._passes(ctx, collector, f"{self.name} factors"):
-            for i, (m, calls) in enumerate(zip(self.modules, per_module)):
-                for a, g in calls:
-                    mask = _token_mask(a, batch)
-                    a2 = m.augment(a).reshape(-1, m.inp)
-                    g2 = g.reshape(-1, m.out)
-                    if mask is not None:
-                        a2, g2 = a2[mask], g2[mask]
-                    a_sum[i] += a2.T @ a2
-                    s_sum[i] += g2.T @ g2
-                    count[i] += a2.shape[0]
-        for tensor in (*a_sum, *s_sum, count):  # statistics of every process's rows
-            all_reduce_sum(tensor)
+    def pass_tap(self, ctx: CurvatureContext) -> Optional[PassTap]:
+        """The factor statistics A, S as a tap on the engine's gradient pass.
+
+        Raises:
+            ValueError: Non-linear parameters are selected and damping is 0.
+        """
+        self._setup(ctx)
+        return _FactorTap(self, ctx)
+
+    def fit_from_pass(self, ctx: CurvatureContext, tap: PassTap,
+                      row_vectors: Optional[RowVectors] = None) -> None:
+        """Eigendecompose the factors a gradient pass collected (no pass of its own)."""
+        assert isinstance(tap, _FactorTap)
+        self._eigen_factors(tap)
+        self.fitted = True
+
+    def _eigen_factors(self, tap: "_FactorTap") -> None:
         for i, m in enumerate(self.modules):
-            n = max(int(count[i].item()), 1)
-            ea, m.qa = torch.linalg.eigh(a_sum[i] / n)
-            es, m.qs = torch.linalg.eigh(s_sum[i] / n)
+            n = max(int(tap.count[i].item()), 1)
+            ea, m.qa = torch.linalg.eigh(tap.a_sum[i] / n)
+            es, m.qs = torch.linalg.eigh(tap.s_sum[i] / n)
             m.eig = (n * self._scale) * torch.outer(es.clamp(min=0), ea.clamp(min=0))
 
     # -- applying ---------------------------------------------------------------------------
@@ -287,22 +290,112 @@ class EKFAC(KFAC):
             ValueError: Non-linear parameters are selected and damping is 0.
             CurvatureError: A loss is NaN/Inf.
         """
-        collector = self._setup(ctx)
-        self._fit_factors(ctx, collector)
+        super().fit(ctx)
+        self._correct_by_pass(ctx)
+
+    def fit_from_pass(self, ctx: CurvatureContext, tap: PassTap,
+                      row_vectors: Optional[RowVectors] = None) -> None:
+        """Factors from the gradient pass; eigenvalues from the per-row gradients that pass
+        kept (no further pass), else from one more pass.
+
+        Raises:
+            CurvatureError: A loss is NaN/Inf in the eigenvalue pass.
+        """
+        super().fit_from_pass(ctx, tap)
+        if row_vectors is None:
+            self._correct_by_pass(ctx)
+            return
+        keep = None if self._sample is None else set(self._sample)
         corrected = [torch.zeros_like(m.eig) for m in self.modules]  # type: ignore[arg-type]
-        for batch, per_module in self._passes(ctx, collector, "EK-FAC eigenvalues"):
-            rows = next(iter(batch.values())).shape[0]
-            for i, (m, calls) in enumerate(zip(self.modules, per_module)):
-                if not calls:
+        for rows, vectors in row_vectors():
+            if keep is not None:
+                pick = [j for j, r in enumerate(rows) if int(r) in keep]
+                if not pick:
                     continue
-                grad = torch.zeros(rows, m.out, m.inp, dtype=corrected[i].dtype,
-                                   device=corrected[i].device)
-                for a, g in calls:
-                    a3 = m.augment(a).reshape(rows, -1, m.inp)
-                    g3 = g.reshape(rows, -1, m.out)
-                    grad += g3.transpose(1, 2) @ a3
-                corrected[i] += ((m.qs.T @ grad @ m.qa) ** 2).sum(0)
+                vectors = vectors[pick]
+            for i, m in enumerate(self.modules):
+                mats = m.to_matrix(vectors).to(corrected[i].dtype)
+                corrected[i] += ((m.qs.T @ mats @ m.qa) ** 2).sum(0)
         for m, eig in zip(self.modules, corrected):
             m.eig = all_reduce_sum(eig) * self._scale
         self.fitted = True
 
+    def _correct_by_pass(self, ctx: CurvatureContext) -> None:
+        collector = GradientCollector(ctx.model, ctx.engine.selection, ctx.engine.dtype)
+        self.modules = [_Module(t, m.out, m.inp, m.qa, m.qs, m.eig)
+                        for t, m in zip(collector.tracked, self.modules)]
+        tap = _EigenTap(self, ctx)
+        self._passes(ctx, collector, tap, "EK-FAC eigenvalues")
+        for m, eig in zip(self.modules, tap.corrected):
+            m.eig = eig * self._scale
+        self.fitted = True
+
+
+class _FactorTap(PassTap):
+    """Sums of a aᵀ and g gᵀ over non-padding tokens per module (K-FAC's A and S)."""
+
+    def __init__(self, kfac: KFAC, ctx: CurvatureContext) -> None:
+        dev, self.dtype = ctx.engine.device, ctx.engine.dtype
+        self.kfac = kfac
+        self.keep = None if kfac._sample is None else set(kfac._sample)
+        self.a_sum = [torch.zeros(m.inp, m.inp, dtype=self.dtype, device=dev)
+                      for m in kfac.modules]
+        self.s_sum = [torch.zeros(m.out, m.out, dtype=self.dtype, device=dev)
+                      for m in kfac.modules]
+        self.count = torch.zeros(len(kfac.modules), dtype=torch.float64, device=dev)
+
+    def observe(self, batch: Batch, rows: Sequence[int], calls: Calls) -> None:
+        pick = _sampled(rows, self.keep)
+        if pick is not None and not pick:
+            return
+        for i, m in enumerate(self.kfac.modules):
+            for a, g in calls.get(id(m.tracked.module), []):
+                a, g = a.to(self.dtype), g.detach().to(self.dtype)
+                mask = _token_mask(a, batch)
+                if pick is not None:
+                    a, g = a[pick], g[pick]
+                    mask = None if mask is None else \
+                        mask.reshape(len(rows), -1)[pick].reshape(-1)
+                a2 = m.augment(a).reshape(-1, m.inp)
+                g2 = g.reshape(-1, m.out)
+                if mask is not None:
+                    a2, g2 = a2[mask], g2[mask]
+                self.a_sum[i] += a2.T @ a2
+                self.s_sum[i] += g2.T @ g2
+                self.count[i] += a2.shape[0]
+
+    def finish(self) -> None:
+        for tensor in (*self.a_sum, *self.s_sum, self.count):  # every process's rows
+            all_reduce_sum(tensor)
+
+
+class _EigenTap(PassTap):
+    """EK-FAC's Σ_i (Q_Sᵀ G_i Q_A)² from per-row gradients formed per module and batch."""
+
+    def __init__(self, kfac: KFAC, ctx: CurvatureContext) -> None:
+        self.kfac = kfac
+        self.corrected = [torch.zeros_like(m.eig) for m in kfac.modules]  # type: ignore[arg-type]
+
+    def observe(self, batch: Batch, rows: Sequence[int], calls: Calls) -> None:
+        for i, m in enumerate(self.kfac.modules):
+            pairs = calls.get(id(m.tracked.module), [])
+            if not pairs:
+                continue
+            grad = torch.zeros(len(rows), m.out, m.inp, dtype=self.corrected[i].dtype,
+                               device=self.corrected[i].device)
+            for a, g in pairs:
+                a3 = m.augment(a.to(grad.dtype)).reshape(len(rows), -1, m.inp)
+                g3 = g.detach().to(grad.dtype).reshape(len(rows), -1, m.out)
+                grad += g3.transpose(1, 2) @ a3
+            self.corrected[i] += ((m.qs.T @ grad @ m.qa) ** 2).sum(0)
+
+    def finish(self) -> None:
+        for eig in self.corrected:
+            all_reduce_sum(eig)
+
+
+def _sampled(rows: Sequence[int], keep: Optional[set[int]]) -> Optional[list[int]]:
+    """Batch positions of the rows in ``keep`` (None: keep all)."""
+    if keep is None:
+        return None
+    return [j for j, r in enumerate(rows) if int(r) in keep]

@@ -26,6 +26,7 @@ from ..store import GradientStore
 from ..tasks import GROUP_COLUMN, AttributionTask, Batch, check_columns
 from .hooks import GradientCollector
 from .projection import RandomProjector
+from .taps import PassTap
 
 logger = get_logger(__name__)
 
@@ -76,12 +77,17 @@ class GroupGradients:
         group_ids: The K group ids, sorted.
         sizes: (K,) members per group.
         fingerprint: What the numbers depend on.
+        fresh: Every shard was computed by this call (none read back from a store), so the
+            taps fed by the pass saw every row.
     """
 
     gradients: torch.Tensor
     group_ids: list[Any]
     sizes: np.ndarray
     fingerprint: dict[str, Any]
+    fresh: bool = True
+    #: What the pass left for later steps (e.g. ``"row_vectors"`` for EK-FAC).
+    extras: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -171,7 +177,7 @@ class GradientEngine:
     # -- public API ----------------------------------------------------------------------------
     def group_gradients(self, dataset: Dataset, group_column: str = GROUP_COLUMN,
                         store: Optional[str] = None, overwrite: bool = False,
-                        fn: RowFn = "loss") -> GroupGradients:
+                        fn: RowFn = "loss", taps: Sequence[PassTap] = ()) -> GroupGradients:
         """Return g_G = Σ_{i∈G} ∇ fn(row i) for every group of ``dataset[group_column]``.
 
         Args:
@@ -181,6 +187,9 @@ class GradientEngine:
             overwrite: Replace a store made for another request.
             fn: ``"loss"`` (training loss), ``"measurement"`` or a callable (model, batch) ->
                 (B,) tensor.
+            taps: Statistics fed by the same pass (:mod:`hf_ggda.gradients.taps`); each gets
+                :meth:`~hf_ggda.gradients.taps.PassTap.finish` called at the end. They saw
+                every row only when the result is ``fresh``.
 
         Returns:
             The group gradients, groups sorted by id.
@@ -196,18 +205,62 @@ class GradientEngine:
         check_columns(dataset, [group_column])
         plan = plan_groups(dataset[group_column], self.config.shard_rows)
         return self._run(dataset, plan, store, overwrite, fn, per_example=False,
-                         grouping=hash_array(dataset[group_column]))
+                         grouping=hash_array(dataset[group_column]), taps=taps)
 
     def per_example_gradients(self, dataset: Dataset, store: Optional[str] = None,
-                              overwrite: bool = False, fn: RowFn = "loss") -> GroupGradients:
+                              overwrite: bool = False, fn: RowFn = "loss",
+                              taps: Sequence[PassTap] = ()) -> GroupGradients:
         """Return the n per-example gradients (point mode; vectorised, one pass).
 
         Args and Raises: as :meth:`group_gradients`, without a group column.
         """
         check_columns(dataset, [])
-        plan = plan_groups(list(range(len(dataset))), self.config.shard_rows)
+        plan = plan_groups(list(range(len(dataset))), self.point_shard_rows())
         return self._run(dataset, plan, store, overwrite, fn, per_example=True,
-                         grouping="point")
+                         grouping="point", taps=taps)
+
+    def point_shard_rows(self) -> int:
+        """Rows per shard in point mode: ``shard_rows``, capped so a shard's unprojected
+        per-example block stays within 64 MB (point mode never holds more than a shard of
+        full-size gradients beside the projected result)."""
+        cap = max(1, (64 << 20) // (self.selection.numel * self.dtype.itemsize))
+        return max(1, min(self.config.shard_rows, cap))
+
+    def sum_into_groups(self, points: GroupGradients, dataset: Dataset,
+                        group_column: str = GROUP_COLUMN, fn: RowFn = "loss") -> GroupGradients:
+        """Sum per-example vectors (rows in dataset order) into the groups of ``group_column``.
+
+        By linearity this equals :meth:`group_gradients` on the same rows (exactly, up to
+        floating-point summation order), in the projected space too.
+
+        Args:
+            points: The result of :meth:`per_example_gradients` on ``dataset``'s rows.
+            dataset: The same rows, now with a group column.
+            group_column: Column of group ids.
+            fn: The row function ``points`` were computed with (for the fingerprint).
+
+        Returns:
+            The group vectors, groups sorted by id, fingerprinted like :meth:`group_gradients`.
+
+        Raises:
+            MissingColumnError: No group column.
+            ValueError: ``points`` does not have one vector per row.
+        """
+        if group_column not in dataset.column_names:
+            raise MissingColumnError(group_column, dataset.column_names, role="group column")
+        if points.gradients.shape[0] != len(dataset):
+            raise ValueError(f"Expected {len(dataset)} per-example vectors, got "
+                             f"{points.gradients.shape[0]}.")
+        plan = plan_groups(dataset[group_column], self.config.shard_rows)
+        slot_of_row = np.empty(len(dataset), dtype=np.int64)
+        slot_of_row[plan.order] = plan.slot
+        index = torch.as_tensor(slot_of_row, device=points.gradients.device)
+        grads = torch.zeros(len(plan.group_ids), points.gradients.shape[1],
+                            dtype=points.gradients.dtype, device=points.gradients.device)
+        grads.index_add_(0, index, points.gradients)
+        fp = self.fingerprint(dataset, hash_array(dataset[group_column]), fn)
+        return GroupGradients(grads, plan.group_ids, np.diff(plan.ptr), fp, points.fresh,
+                              dict(points.extras))
 
     def fingerprint(self, dataset: Dataset, grouping: str, fn: RowFn) -> dict[str, Any]:
         """Everything the stored gradients depend on (batch size excluded)."""
@@ -250,7 +303,8 @@ class GradientEngine:
             self.model.train(was_training)
 
     def _run(self, dataset: Dataset, plan: _Plan, store_path: Optional[str], overwrite: bool,
-             fn: RowFn, per_example: bool, grouping: str) -> GroupGradients:
+             fn: RowFn, per_example: bool, grouping: str,
+             taps: Sequence[PassTap] = ()) -> GroupGradients:
         rank, world = rank_and_world()
         prepared = self.task.prepare(dataset)
         fp = self.fingerprint(dataset, grouping, fn)
@@ -259,7 +313,7 @@ class GradientEngine:
         todo = [s for s in missing if s % world == rank]  # whole groups per process
         features = prepared.select_columns(
             [c for c in self.task.feature_columns if c in prepared.column_names])
-        collector = GradientCollector(self.model, self.selection, self.dtype)
+        collector = GradientCollector(self.model, self.selection, self.dtype, taps)
         bar = progress(total=int(sum(plan.ptr[plan.shards[i][1]] - plan.ptr[plan.shards[i][0]]
                                      for i in todo)),
                        desc="Per-example gradients" if per_example else "Group gradients",
@@ -275,6 +329,9 @@ class GradientEngine:
                 else:
                     grads[plan.shards[s][0]:plan.shards[s][1]] = block
         bar.close()
+        fresh = len(missing) == len(plan.shards)  # the same on every process
+        for tap in taps:
+            tap.finish()
         barrier()
         if store is not None:
             if rank == 0:
@@ -284,7 +341,7 @@ class GradientEngine:
             grads = store.load(self.device)
         else:
             grads = all_reduce_sum(grads)  # each group was computed by exactly one process
-        return GroupGradients(grads, plan.group_ids, np.diff(plan.ptr), fp)
+        return GroupGradients(grads, plan.group_ids, np.diff(plan.ptr), fp, fresh)
 
     def _open_store(self, store_path: Optional[str], fp: dict[str, Any], plan: _Plan,
                     overwrite: bool, rank: int) -> Optional[GradientStore]:
@@ -329,7 +386,8 @@ class GradientEngine:
             if bad.any():
                 raise NonFiniteError("loss", rows[bad.cpu().numpy()].tolist())
             slots = torch.as_tensor(plan.slot[start:start + len(rows)] - g0)
-            collector.backward(losses, slots, out, per_example=per_example)
+            collector.backward(losses, slots, out, per_example=per_example, batch=batch,
+                               rows=rows.tolist())
             bar.update(len(rows))
         bad_rows = ~torch.isfinite(out).all(1)
         if bad_rows.any():

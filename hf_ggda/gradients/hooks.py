@@ -17,12 +17,15 @@ with one-hot group weights (``is_grads_batched``) otherwise.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 from transformers.pytorch_utils import Conv1D
 
 from ..params import ParameterSelection
+
+if TYPE_CHECKING:
+    from .taps import PassTap
 
 
 #: From this many groups in a batch on, row gradients are formed by one bmm (when small).
@@ -60,10 +63,12 @@ class GradientCollector:
         model: The model.
         selection: Selected parameters; their flat layout defines the output columns.
         dtype: Accumulation dtype (float32, or float64 for float64 models).
+        taps: Statistics that ride along every backward (see :mod:`hf_ggda.gradients.taps`);
+            the modules they watch beyond the tracked layers get forward hooks too.
     """
 
     def __init__(self, model: torch.nn.Module, selection: ParameterSelection,
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, taps: Sequence["PassTap"] = ()) -> None:
         self.selection = selection
         self.dtype = dtype
         self.dim = selection.numel
@@ -86,10 +91,20 @@ class GradientCollector:
         self.fallback = [n for n in selection.names if n not in covered]
         self._fallback_params = [named[n] for n in self.fallback]
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self.taps = list(taps)
+        tracked_ids = {id(t.module) for t in self.tracked}
+        self.watched: list[TrackedLayer] = []  # extra modules the taps need, not tracked
+        seen: set[int] = set()
+        for tap in self.taps:
+            for module in tap.watch_modules():
+                if id(module) not in tracked_ids and id(module) not in seen:
+                    seen.add(id(module))
+                    self.watched.append(TrackedLayer(module, isinstance(module, Conv1D),
+                                                     None, None))
 
     # -- hook management -------------------------------------------------------------------
     def __enter__(self) -> "GradientCollector":
-        for t in self.tracked:
+        for t in self.tracked + self.watched:
             t.calls.clear()
             self._handles.append(t.module.register_forward_hook(self._make_hook(t)))
         return self
@@ -108,13 +123,16 @@ class GradientCollector:
 
     def reset(self) -> None:
         """Forget captured activations (call before each forward)."""
-        for t in self.tracked:
+        for t in self.tracked + self.watched:
             t.calls.clear()
 
     # -- gradients ---------------------------------------------------------------------------
     def backward(self, losses: torch.Tensor, slots: torch.Tensor, out: torch.Tensor,
-                 per_example: bool = False) -> None:
+                 per_example: bool = False, batch: Optional[dict[str, torch.Tensor]] = None,
+                 rows: Optional[Sequence[int]] = None) -> None:
         """Add the summed gradients of ``losses`` per slot into ``out``.
+
+        The same backward feeds every tap of the collector (with ``batch`` and ``rows``).
 
         Args:
             losses: (B,) per-row losses of the batch just run under this collector.
@@ -122,22 +140,31 @@ class GradientCollector:
                 contiguous.
             out: (num_slots, d) accumulator in the accumulation dtype, updated in place.
             per_example: Every row is its own slot (vectorised point mode).
+            batch: The collated batch (passed to the taps).
+            rows: Dataset row index of each batch row (passed to the taps).
         """
-        outputs = [y for t in self.tracked for (_, y) in t.calls]
+        layers = self.tracked + self.watched if self.taps else self.tracked
+        outputs = [y for t in layers for (_, y) in t.calls]
         segments = segment_bounds(slots)
         many = len(segments) > 1
         fb = self._fallback_params if not many else []
         grads = torch.autograd.grad(losses.sum(), outputs + fb, allow_unused=True,
                                     retain_graph=bool(self._fallback_params) and many)
-        pos = 0
-        for t in self.tracked:
+        pos, seen = 0, {}
+        for t in layers:
+            calls = []
             for a, _ in t.calls:
                 go = grads[pos]
                 pos += 1
                 if go is not None:
-                    self._linear_grads(t, a, go, segments, out, per_example)
+                    calls.append((a, go))
+                    if t.weight is not None or t.bias is not None:
+                        self._linear_grads(t, a, go, segments, out, per_example)
+            seen[id(t.module)] = calls
         if self._fallback_params:
             self._fallback_grads(losses, grads[len(outputs):], segments, out)
+        for tap in self.taps:
+            tap.observe(batch or {}, list(rows) if rows is not None else [], seen)
 
     def _linear_grads(self, t: TrackedLayer, a: torch.Tensor, go: torch.Tensor,
                       segments: list[tuple[int, int, int]], out: torch.Tensor,

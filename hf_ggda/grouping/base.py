@@ -19,7 +19,7 @@ from datasets import Dataset, Features, Value
 
 from ..config import ConfigMixin
 from ..errors import NotFittedError
-from ..fingerprint import hash_json, hash_model
+from ..fingerprint import hash_array, hash_json, hash_model
 from ..logging import get_logger
 from ..tasks import GROUP_COLUMN, AttributionTask, check_columns
 from .coherence import CoherenceResult, group_coherence
@@ -212,6 +212,7 @@ class Grouper(ABC):
         self.config = config
         self._result: Optional[Assignment] = None
         self._dataset: Optional[Dataset] = None
+        self._pass_features: Optional[np.ndarray] = None
 
     # -- to implement --------------------------------------------------------------------------
     def required_columns(self) -> list[str]:
@@ -224,14 +225,21 @@ class Grouper(ABC):
         """Compute the assignment; ``context`` holds the model/task hashes (model groupers)."""
 
     # -- public API ----------------------------------------------------------------------------
+    #: Whether :meth:`assign` takes ``features=`` computed in the attribution pass (see
+    #: :meth:`hf_ggda.attributors.Attributor.fit` with ``grouper=``).
+    accepts_pass_features: ClassVar[bool] = False
+
     def assign(self, dataset: Dataset, model: Optional[torch.nn.Module] = None,
-               task: Optional[AttributionTask] = None) -> Dataset:
+               task: Optional[AttributionTask] = None,
+               features: Optional[np.ndarray] = None) -> Dataset:
         """Return ``dataset`` with an integer ``group_id`` column (replacing an existing one).
 
         Args:
             dataset: The rows to group.
             model: The model (groupers on representations / output gradients only).
             task: The :class:`~hf_ggda.tasks.AttributionTask` (model groupers only).
+            features: (n, p) grouping features already computed (by the attribution pass),
+                instead of a model and task (groupers with ``accepts_pass_features`` only).
 
         Returns:
             The same rows, in the same order, plus ``group_id`` with values 0..K-1, all used.
@@ -240,18 +248,31 @@ class Grouper(ABC):
             EmptyDatasetError: The dataset has no rows.
             MissingColumnError: A column the config names is absent.
             GroupingError: K < 1, K > n, nulls in a group/label column, a class too small.
-            ValueError: A model grouper got no model or task.
+            ValueError: A model grouper got no model or task; ``features`` given to a grouper
+                that does not take them, or with the wrong number of rows.
         """
-        if self.uses_model and (model is None or task is None):
+        if features is not None:
+            if not self.accepts_pass_features:
+                raise ValueError(f"Grouper {self.name!r} does not take precomputed features.")
+            if len(features) != len(dataset):
+                raise ValueError(f"features has {len(features)} rows, the dataset "
+                                 f"{len(dataset)}.")
+        elif self.uses_model and (model is None or task is None):
             raise ValueError(f"Grouper {self.name!r} computes features with the model: pass "
                              "assign(dataset, model=..., task=...).")
         check_columns(dataset, self.required_columns())
         context: dict[str, Any] = {}
-        if self.uses_model:
+        if features is not None:
+            context = {"features": hash_array(np.ascontiguousarray(features))}
+            self._pass_features = features
+        elif self.uses_model:
             assert model is not None and task is not None
             params = getattr(self.config, "hash_params", "all")
             context = {"model": model_weights_hash(model, params), "task": task.fingerprint()}
-        result = self._group(dataset, model, task, context)
+        try:
+            result = self._group(dataset, model, task, context)
+        finally:
+            self._pass_features = None
         self._validate(result, len(dataset))
         fp = hash_json([dataset._fingerprint, self.name, self.config.fingerprint_dict(), context,
                         _ASSIGN_VERSION])

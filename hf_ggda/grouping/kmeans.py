@@ -17,8 +17,9 @@ import torch
 from datasets import Dataset
 
 from ..errors import ColumnTypeError, GroupingError
+from ..gradients.taps import OutputFeatureTap
 from ..logging import get_logger
-from ..tasks import AttributionTask
+from ..tasks import AttributionTask, find_head
 from .base import Assignment, Grouper, GrouperConfig
 from .partition import (allocate_groups, check_k_setting, check_num_groups, column_values,
                         factorize)
@@ -339,6 +340,37 @@ class GradKMeansGrouper(_ModelKMeansGrouper):
     name = "grad-kmeans"
     config_class = GradKMeansConfig
     config: GradKMeansConfig
+    accepts_pass_features = True
+
+    def _projector(self) -> OutputGradientProjector:
+        cfg = self.config
+        return OutputGradientProjector(cfg.projection, cfg.projection_dim, cfg.err_dim,
+                                       cfg.feat_dim, cfg.projection_kind, cfg.seed, cfg.bias)
+
+    def pass_tap(self, model: torch.nn.Module, task: AttributionTask, num_rows: int,
+                 sign: float = 1.0) -> OutputFeatureTap:
+        """A tap that takes this grouper's features from an attribution pass's output-layer
+        (input, output-gradient) pairs, equal to those of :meth:`assign` with a model.
+
+        Args:
+            model: The model.
+            task: The task (its loss must be the one the pass differentiates, up to ``sign``).
+            num_rows: Rows of the dataset the pass runs over.
+            sign: See :class:`~hf_ggda.gradients.taps.OutputFeatureTap`.
+
+        Returns:
+            The tap; pass ``tap.matrix()`` to ``assign(dataset, features=...)``.
+
+        Raises:
+            ValueError: The model's output layer cannot be found.
+        """
+        return OutputFeatureTap(find_head(model), self._projector(), num_rows, sign)
+
+    def _features(self, dataset: Dataset, model: Optional[torch.nn.Module],
+                  task: Optional[AttributionTask], context: dict[str, Any]) -> Matrix:
+        if self._pass_features is not None:
+            return np.asarray(self._pass_features, dtype=np.float32)
+        return super()._features(dataset, model, task, context)
 
     def _settings(self) -> dict[str, Any]:
         cfg = self.config
@@ -348,9 +380,7 @@ class GradKMeansGrouper(_ModelKMeansGrouper):
                 "bias": cfg.bias, "seed": cfg.seed}
 
     def _compute(self, task: AttributionTask) -> FeatureFn:
-        cfg = self.config
-        project = OutputGradientProjector(cfg.projection, cfg.projection_dim, cfg.err_dim,
-                                          cfg.feat_dim, cfg.projection_kind, cfg.seed, cfg.bias)
+        project = self._projector()
 
         def compute(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
             err, feats = task.output_gradient(model, batch)

@@ -1,10 +1,12 @@
 """End-to-end and scaling measurements for ``speed.py`` (group attribution vs point mode).
 
-* ``end_to_end``: for TracIn (one checkpoint), IF-identity, IF-EK-FAC and TRAK, the wall time
-  of ``fit`` (with an on-disk gradient store) + ``score`` of every query row, at K groups and at
-  K = n (point mode), as ratios to the end-to-end floor — one plain forward+backward pass over
-  every row the method touches (training rows + query rows) — with the peak resident memory
-  above the starting point and the store's size on disk.
+* ``end_to_end``: for TracIn (two saved checkpoints), IF-identity, IF-EK-FAC and TRAK, the
+  wall time of grouping (Grad-K-Means, K groups, in the attribution pass or with a forward pass
+  of its own; or random groups, or point mode K = n) + ``fit`` (with an on-disk gradient
+  store) + ``score`` of every query row, as ratios to the end-to-end floor — one plain
+  forward+backward pass over the training rows and the query rows — with the peak resident
+  memory above the starting point and the store's size on disk; and the agreement (Pearson,
+  per-query Spearman) of each shortcut with the exact method it stands for.
 * ``scaling``: a small BERT built from a config (+ LoRA) on n = 1k, 4k, 16k rows: time and
   peak memory of the floor, the group path (IF-identity, K = 64) and the point path.
 * ``query_heavy``: the same small model with n = 100,000 rows and m = 10,000 queries, where
@@ -32,9 +34,10 @@ import numpy as np
 import psutil
 import torch
 
-#: Attributor configurations of the end-to-end comparison.
+#: Attributor configurations of the end-to-end comparison (``tracin`` runs over two saved
+#: checkpoints, each with its learning rate; its ratios are per checkpoint).
 METHODS: dict[str, dict[str, Any]] = {
-    "tracin": {"attributor_type": "tracin", "learning_rates": [1.0]},
+    "tracin": {"attributor_type": "tracin", "learning_rates": [1.0, 1.0]},
     "if-identity": {"attributor_type": "influence", "preconditioner": "identity"},
     "if-ekfac": {"attributor_type": "influence", "preconditioner": "ekfac", "damping": 1e-3},
     # EK-FAC with factors and eigenvalues fitted on a seeded sample of 128 training rows
@@ -42,6 +45,11 @@ METHODS: dict[str, dict[str, Any]] = {
                      "curvature_rows": 128},
     "trak": {"attributor_type": "trak", "projection_dim": 512},
 }
+#: Ways of grouping the training rows: Grad-K-Means inside the attribution pass, Grad-K-Means
+#: with its own forward pass first, random groups (no grouping cost), point mode (K = n).
+GROUPINGS = ("grad-kmeans-1pass", "grad-kmeans-2pass", "random", "point")
+#: Exact method each shortcut is checked against (same groups, same queries).
+SHORTCUTS = {"if-ekfac-128": "if-ekfac"}
 
 
 def exact_memory_accounting() -> bool:
@@ -111,48 +119,92 @@ def floor_pass(model: Any, task: Any, dataset: Any, batch_size: int) -> None:
         p.grad = None
 
 
-def _attribute(model: Any, task: Any, method: str, train: Any, queries: Any, column: str,
-               batch_size: int, store: Path) -> None:
+def _attribute(model: Any, task: Any, method: str, train: Any, queries: Any, grouping: str,
+               k: int, batch_size: int, store: Path, checkpoints: list[str]) -> Any:
+    """Group (``grouping``) + fit + score; returns the scores and the grouped rows' ids."""
     from hf_ggda.attributors import get_attributor
+    from hf_ggda.grouping import GradKMeansGrouper
 
     config = {**METHODS[method], "batch_size": batch_size}
+    if config["attributor_type"] == "tracin":
+        config["checkpoints"] = checkpoints
     attributor = get_attributor(model, task, config)
-    attributor.fit(train, column, store=str(store))
-    attributor.score(queries)
+    grouper = GradKMeansGrouper(num_groups=k, seed=0)
+    if grouping == "grad-kmeans-1pass":
+        attributor.fit(train, store=str(store), grouper=grouper)
+    elif grouping == "grad-kmeans-2pass":
+        attributor.fit(grouper.assign(train, model=model, task=task), store=str(store))
+    else:
+        attributor.fit(train, "row_id" if grouping == "point" else "group_id", store=str(store))
+    return attributor.score(queries), attributor.train_dataset["group_id"]
+
+
+def agreement(a: Any, b: Any) -> dict[str, float]:
+    """Pearson correlation of two score matrices and the mean per-query Spearman."""
+    from scipy.stats import spearmanr
+
+    x, y = a.matrix.double().numpy(), b.matrix.double().numpy()
+    per_query = [spearmanr(u, v).statistic for u, v in zip(x, y)]
+    return {"pearson": float(np.corrcoef(x.ravel(), y.ravel())[0, 1]),
+            "spearman_per_query": float(np.nanmean(per_query))}
 
 
 def end_to_end(model: Any, task: Any, train: Any, queries: Any, k: int, batch_size: int,
-               methods: list[str]) -> dict[str, Any]:
-    """Group (K = ``k``) vs point attribution, fit + score, per method.
+               methods: list[str], groupings: tuple[str, ...] = GROUPINGS) -> dict[str, Any]:
+    """Grouping + fit + score of every query, per method and way of grouping.
 
     Returns:
-        {"floor_s", "floor_peak_mb", "queries", "k", "methods": {method: {"group_s",
-        "point_s", "speedup", "group_ratio", "point_ratio", "group_peak_mb", "point_peak_mb",
-        "group_store_mb", "point_store_mb"}}}.
+        {"floor_s", "floor_peak_mb", "queries", "k", "methods": {method: {grouping:
+        {"s", "ratio", "peak_mb", "store_mb"}, "speedup": point_s / best group s,
+        "ratio_per_checkpoint"...}}, "agreement": {pair: {"pearson", "spearman_per_query"}}}.
     """
     n = len(train)
     rng = np.random.default_rng(0)
     train = train.add_column("group_id", rng.permutation(np.arange(n) % k).tolist())
     train = train.add_column("row_id", list(range(n)))
+    ckpt_dir = Path(tempfile.mkdtemp(prefix="ggda-e2e-ckpt-"))
+    checkpoints = []
+    for c in range(2):  # two saved checkpoints (the same weights: the cost is what counts)
+        model.save_pretrained(str(ckpt_dir / f"checkpoint-{c}"))
+        checkpoints.append(str(ckpt_dir / f"checkpoint-{c}"))
     floor_pass(model, task, train.select(range(min(n, 2 * batch_size))), batch_size)
     floor_s, floor_mb = measure(lambda: (floor_pass(model, task, train, batch_size),
                                          floor_pass(model, task, queries, batch_size)))
     out: dict[str, Any] = {"floor_s": floor_s, "floor_peak_mb": floor_mb, "k": k,
-                           "rows": n, "queries": len(queries), "methods": {}}
+                           "rows": n, "queries": len(queries), "methods": {},
+                           "agreement": {}}
+    kept: dict[tuple[str, str], Any] = {}
     for method in methods:
-        row: dict[str, float] = {}
-        for side, column in (("group", "group_id"), ("point", "row_id")):
-            folder = Path(tempfile.mkdtemp(prefix=f"ggda-e2e-{method}-{side}-"))
+        per_ckpt = len(METHODS[method].get("learning_rates", [1.0]))
+        row: dict[str, Any] = {"checkpoints": per_ckpt}
+        for grouping in groupings:
+            folder = Path(tempfile.mkdtemp(prefix=f"ggda-e2e-{method}-{grouping}-"))
+            result: list[Any] = []
             try:
-                seconds, peak = measure(lambda: _attribute(
-                    model, task, method, train, queries, column, batch_size, folder / "store"))
-                row.update({f"{side}_s": seconds, f"{side}_ratio": seconds / floor_s,
-                            f"{side}_peak_mb": peak,
-                            f"{side}_store_mb": folder_mb(folder / "store")})
+                seconds, peak = measure(lambda: result.append(_attribute(
+                    model, task, method, train, queries, grouping, k, batch_size,
+                    folder / "store", checkpoints)))
+                row[grouping] = {"s": seconds, "ratio": seconds / floor_s,
+                                 "ratio_per_checkpoint": seconds / floor_s / per_ckpt,
+                                 "peak_mb": peak, "store_mb": folder_mb(folder / "store")}
             finally:
                 shutil.rmtree(folder, ignore_errors=True)
-        row["speedup"] = row["point_s"] / row["group_s"]
+            kept[(method, grouping)] = result[0]
+        groups = [g for g in groupings if g != "point"]
+        if "point" in row and groups:
+            row["speedup"] = row["point"]["s"] / min(row[g]["s"] for g in groups)
         out["methods"][method] = row
+        if ("grad-kmeans-1pass" in groupings and "grad-kmeans-2pass" in groupings):
+            one, two = kept[(method, "grad-kmeans-1pass")], kept[(method, "grad-kmeans-2pass")]
+            same = list(one[1]) == list(two[1])
+            out["agreement"][f"{method}: 1-pass vs 2-pass grouping"] = {
+                **agreement(one[0], two[0]), "same_groups": same}
+    for fast, exact in SHORTCUTS.items():
+        for grouping in groupings:
+            if (fast, grouping) in kept and (exact, grouping) in kept:
+                out["agreement"][f"{fast} vs {exact} ({grouping})"] = agreement(
+                    kept[(fast, grouping)][0], kept[(exact, grouping)][0])
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
     return out
 
 

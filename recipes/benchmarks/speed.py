@@ -103,14 +103,18 @@ def run_end_to_end(rows: int, queries: int, batch_size: int, k: int,
 
 
 def _print_end_to_end(e2e: dict[str, Any]) -> None:
-    print(f"end to end (fit + score {e2e['queries']} queries; floor = forward+backward over "
-          f"train + query rows = {e2e['floor_s']:.2f} s, peak {e2e['floor_peak_mb']:.0f} MB)")
-    print(f"{'method':<12}{'K=' + str(e2e['k']):>9}{'point':>9}{'speedup':>9}"
-          f"{'peak MB':>9}{'(point)':>9}{'store MB':>10}{'(point)':>9}")
+    print(f"end to end (grouping + fit + score {e2e['queries']} queries, K = {e2e['k']}; floor "
+          f"= forward+backward over train + query rows = {e2e['floor_s']:.2f} s, peak "
+          f"{e2e['floor_peak_mb']:.0f} MB); ratio to the floor per checkpoint, peak MB, "
+          "store MB")
     for name, r in e2e["methods"].items():
-        print(f"{name:<12}{r['group_ratio']:>8.3f}x{r['point_ratio']:>8.3f}x{r['speedup']:>8.2f}x"
-              f"{r['group_peak_mb']:>9.0f}{r['point_peak_mb']:>9.0f}{r['group_store_mb']:>10.1f}"
-              f"{r['point_store_mb']:>9.1f}")
+        for grouping, v in r.items():
+            if isinstance(v, dict):
+                print(f"  {name:<13}{grouping:<19}{v['ratio_per_checkpoint']:>7.3f}x"
+                      f"{v['peak_mb']:>8.0f} MB{v['store_mb']:>9.1f} MB")
+    for pair, v in e2e["agreement"].items():
+        print(f"  agreement {pair}: pearson {v['pearson']:.4f}, per-query spearman "
+              f"{v['spearman_per_query']:.4f}")
 
 
 def _print_scaling(rows: list[dict[str, float]]) -> None:
@@ -184,7 +188,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="64 rows, 1 repeat (tests).")
     parser.add_argument("--processes", action="store_true",
                         help="Also time the K=64 group pass on 2 CPU processes vs 1.")
-    parser.add_argument("--queries", type=int, default=128,
+    parser.add_argument("--queries", type=int, default=64,
                         help="Query rows of the end-to-end comparison.")
     parser.add_argument("--methods", nargs="*", default=["tracin", "if-identity", "if-ekfac",
                                                          "if-ekfac-128", "trak"],

@@ -1,0 +1,159 @@
+"""Fused passes against their multi-pass references.
+
+* K-FAC factors taken in the group pass = K-FAC fitted in a pass of its own;
+* EK-FAC with its eigenvalues from the per-row vectors of the pass (point mode, one-pass
+  grouping) = EK-FAC with its own two passes;
+* one-pass Grad-K-Means (features from the attribution pass's output-layer gradients,
+  group vectors summed from per-example vectors) = Grad-K-Means's own forward pass + a group
+  pass: the same groups, the same group vectors, the same scores;
+* the number of passes over the training rows each method makes (counted, not assumed).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset
+
+from hf_ggda.attributors import InfluenceConfig, InfluenceFunction, TracIn, TracInConfig
+from hf_ggda.curvature import EKFAC, KFAC, CurvatureContext
+from hf_ggda.gradients import EngineConfig, GradientEngine
+from hf_ggda.grouping import GradKMeansGrouper
+from hf_ggda.tasks import SequenceClassificationTask
+from hf_ggda.testing import tiny_lora, tiny_tokenizer, toy_dataset
+
+
+def _setup(n: int = 24) -> tuple[torch.nn.Module, SequenceClassificationTask, Dataset]:
+    tok = tiny_tokenizer("bert")
+    model = tiny_lora("bert", tok.vocab_size, r=2, modules_to_save=["classifier"])
+    return model.double().eval(), SequenceClassificationTask(tok, max_length=16), \
+        toy_dataset(n, seed=3)
+
+
+class _RowCounter:
+    """Counts rows through the model's forward (one pass over n rows = n)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.rows = 0
+        self.handle = model.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        self.rows += int(ids.shape[0]) if ids is not None else 0
+
+    def passes(self, n: int) -> float:
+        self.handle.remove()
+        return self.rows / n
+
+
+def _probe(d: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(3, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("cls", [KFAC, EKFAC])
+def test_factors_from_the_group_pass_equal_their_own_pass(cls: type) -> None:
+    model, task, data = _setup()
+    data = data.add_column("group_id", [i % 5 for i in range(len(data))])
+    engine = GradientEngine(model, task, config=EngineConfig(batch_size=7))
+    ref = cls(damping=1e-3)
+    ref.fit(CurvatureContext(engine, data))
+    fused = cls(damping=1e-3)
+    ctx = CurvatureContext(engine, data)
+    tap = fused.pass_tap(ctx)
+    groups = engine.group_gradients(data, taps=[tap])
+    assert groups.fresh
+    fused.fit_from_pass(ctx, tap)
+    v = _probe(engine.dim)
+    torch.testing.assert_close(fused.apply(v), ref.apply(v), rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("max_rows", [None, 9])
+def test_ekfac_eigenvalues_from_point_vectors_equal_the_second_pass(max_rows: int) -> None:
+    model, task, data = _setup()
+    engine = GradientEngine(model, task, config=EngineConfig(batch_size=5))
+    ref = EKFAC(damping=1e-3, max_rows=max_rows, seed=1)
+    ref.fit(CurvatureContext(engine, data))
+    fused = EKFAC(damping=1e-3, max_rows=max_rows, seed=1)
+    ctx = CurvatureContext(engine, data)
+    tap = fused.pass_tap(ctx)
+    points = engine.per_example_gradients(data, taps=[tap])
+    rows = list(range(len(data)))
+    fused.fit_from_pass(ctx, tap, lambda: iter([(rows, points.gradients)]))
+    v = _probe(engine.dim, seed=1)
+    torch.testing.assert_close(fused.apply(v), ref.apply(v), rtol=1e-7, atol=1e-9)
+
+
+def test_a_resumed_pass_is_not_fresh_and_the_curvature_is_refitted(tmp_path) -> None:
+    model, task, data = _setup(12)
+    data = data.add_column("group_id", [i % 3 for i in range(len(data))])
+    cfg = InfluenceConfig(preconditioner="kfac", damping=1e-3, batch_size=4, shard_rows=4)
+    first = InfluenceFunction(model, task, cfg).fit(data, store=str(tmp_path / "s"))
+    (tmp_path / "s" / "component-0" / "curvature-kfac.safetensors").unlink()
+    engine = GradientEngine(model, task, config=EngineConfig(batch_size=4, shard_rows=4))
+    assert not engine.group_gradients(data, store=str(tmp_path / "s" / "component-0" /
+                                                      "groups")).fresh
+    again = InfluenceFunction(model, task, cfg).fit(data, store=str(tmp_path / "s"))
+    q = data.select(range(3))
+    torch.testing.assert_close(again.score(q).matrix, first.score(q).matrix, rtol=1e-9,
+                               atol=1e-12)
+
+
+@pytest.mark.parametrize("preconditioner", ["identity", "kfac", "ekfac"])
+def test_one_pass_grad_kmeans_equals_the_two_pass_path(preconditioner: str) -> None:
+    model, task, data = _setup(30)
+    queries = toy_dataset(4, seed=9)
+    cfg = InfluenceConfig(preconditioner=preconditioner, damping=1e-3, batch_size=8)
+    grouper = GradKMeansGrouper(num_groups=4, seed=0, batch_size=8)
+    grouped = grouper.assign(data, model=model, task=task)
+    two = InfluenceFunction(model, task, cfg).fit(grouped)
+    one = InfluenceFunction(model, task, cfg).fit(data, grouper=GradKMeansGrouper(
+        num_groups=4, seed=0, batch_size=8))
+    assert one.train_dataset["group_id"] == grouped["group_id"]
+    assert one.group_ids == two.group_ids
+    torch.testing.assert_close(one.score(queries).matrix, two.score(queries).matrix,
+                               rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(one.self_scores(), two.self_scores(), rtol=1e-8, atol=1e-10)
+
+
+def test_one_pass_grouping_over_two_checkpoints(tmp_path) -> None:
+    model, task, data = _setup(20)
+    model.save_pretrained(str(tmp_path / "c1"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.mul_(1.1)
+    model.save_pretrained(str(tmp_path / "c2"))
+    cfg = TracInConfig(checkpoints=[str(tmp_path / "c1"), str(tmp_path / "c2")],
+                       learning_rates=[0.5, 0.25], batch_size=8)
+    grouped = GradKMeansGrouper(num_groups=3, seed=0).assign(data, model=model, task=task)
+    two = TracIn(model, task, cfg).fit(grouped)
+    one = TracIn(model, task, cfg).fit(data, grouper=GradKMeansGrouper(num_groups=3, seed=0))
+    assert one.train_dataset["group_id"] == grouped["group_id"]
+    q = toy_dataset(3, seed=4)
+    torch.testing.assert_close(one.score(q).matrix, two.score(q).matrix, rtol=1e-8,
+                               atol=1e-10)
+
+
+@pytest.mark.parametrize("preconditioner,grouped,expected", [
+    ("identity", True, 1.0), ("kfac", True, 1.0), ("ekfac", True, 2.0),
+    ("ekfac", False, 1.0),  # point mode: the eigenvalues come from the per-row vectors
+])
+def test_passes_per_method(preconditioner: str, grouped: bool, expected: float) -> None:
+    model, task, data = _setup(16)
+    column = [i % 4 for i in range(16)] if grouped else list(range(16))
+    data = data.add_column("group_id", column)
+    counter = _RowCounter(model)
+    InfluenceFunction(model, task, InfluenceConfig(
+        preconditioner=preconditioner, damping=1e-3, batch_size=8)).fit(data)
+    assert counter.passes(16) == pytest.approx(expected)
+
+
+def test_one_pass_ekfac_makes_one_pass_with_grouping() -> None:
+    model, task, data = _setup(16)
+    counter = _RowCounter(model)
+    att = InfluenceFunction(model, task, InfluenceConfig(preconditioner="ekfac", damping=1e-3,
+                                                         batch_size=8))
+    att.fit(data, grouper=GradKMeansGrouper(num_groups=4, seed=0))
+    assert counter.passes(16) == pytest.approx(1.0)
+    assert sorted(np.unique(att.train_dataset["group_id"]).tolist()) == [0, 1, 2, 3]
