@@ -157,3 +157,24 @@ def test_one_pass_ekfac_makes_one_pass_with_grouping() -> None:
     att.fit(data, grouper=GradKMeansGrouper(num_groups=4, seed=0))
     assert counter.passes(16) == pytest.approx(1.0)
     assert sorted(np.unique(att.train_dataset["group_id"]).tolist()) == [0, 1, 2, 3]
+
+
+def test_one_pass_grouping_with_a_store_and_its_rerun(tmp_path) -> None:
+    model, task, data = _setup(20)
+    q = toy_dataset(3, seed=5)
+    cfg = InfluenceConfig(preconditioner="ekfac", damping=1e-3, batch_size=8, shard_rows=6)
+    memory = InfluenceFunction(model, task, cfg).fit(
+        data, grouper=GradKMeansGrouper(num_groups=4, seed=0))
+    disk = InfluenceFunction(model, task, cfg).fit(
+        data, store=str(tmp_path / "s"), grouper=GradKMeansGrouper(num_groups=4, seed=0))
+    assert (tmp_path / "s" / "component-0" / "points").is_dir()
+    # the rerun reads the finished point store (no pass: features come from the grouper's
+    # own forward pass) and the cached curvature
+    counter = _RowCounter(model)
+    again = InfluenceFunction(model, task, cfg).fit(
+        data, store=str(tmp_path / "s"), grouper=GradKMeansGrouper(num_groups=4, seed=0))
+    assert counter.passes(20) == pytest.approx(1.0)
+    for att in (disk, again):
+        assert att.train_dataset["group_id"] == memory.train_dataset["group_id"]
+        torch.testing.assert_close(att.score(q).matrix, memory.score(q).matrix, rtol=1e-8,
+                                   atol=1e-10)

@@ -346,17 +346,15 @@ class Attributor(ABC):
             feature_tap = grouper.pass_tap(self.model, self.task, len(train),  # type: ignore
                                            sign=self.train_sign())
             taps = self.prepare_pass(c, comp, engine, train, sub) + [feature_tap]
-            points = engine.per_example_gradients(
-                train, fn=self.train_fn(), taps=taps, overwrite=overwrite,
+            points = engine.per_example_gradients(  # n vectors stay on disk with a store
+                train, fn=self.train_fn(), taps=taps, overwrite=overwrite, keep=False,
                 store=None if sub is None else str(sub / "points"))
             if points.fresh:
                 grouped = grouper.assign(train, features=feature_tap.matrix())  # type: ignore
             else:  # resumed from a point store: the features were not seen in this pass
                 grouped = grouper.assign(train, model=self.model, task=self.task)
             groups = engine.sum_into_groups(points, grouped, GROUP_COLUMN, self.train_fn())
-            groups.extras = {**points.extras,
-                             "row_vectors": _row_vectors(points.gradients,
-                                                         np.arange(len(train)))}
+            groups.extras = {"row_vectors": points.point_chunks}
             part = self._finish_part(comp, engine, grouped, groups, sub)
         return grouped, {c: part}
 

@@ -89,6 +89,22 @@ class GroupGradients:
     #: What the pass left for later steps (e.g. ``"row_vectors"`` for EK-FAC).
     extras: dict[str, Any] = field(default_factory=dict)
 
+    def point_chunks(self, rows: int = 256) -> Iterator[tuple[list[int], torch.Tensor]]:
+        """Yield (dataset rows, vectors) chunks of a per-example result (group id = row).
+
+        Reads the store shard by shard when the result was not kept in memory
+        (``per_example_gradients(..., keep=False)``).
+        """
+        if "store" in self.extras:
+            store = GradientStore.open(self.extras["store"])
+            device = self.extras.get("device")
+            for i, (g0, g1) in enumerate(store.manifest["shard_bounds"]):
+                yield [int(r) for r in self.group_ids[g0:g1]], store.read_shard(i).to(device)
+            return
+        for start in range(0, len(self.group_ids), rows):
+            yield ([int(r) for r in self.group_ids[start:start + rows]],
+                   self.gradients[start:start + rows])
+
 
 @dataclass
 class _Plan:
@@ -99,8 +115,10 @@ class _Plan:
     shards: list[tuple[int, int]]
 
 
-def plan_groups(values: Sequence[Any], shard_rows: int) -> _Plan:
-    """Order rows by group and cut whole groups into shards of about ``shard_rows`` rows.
+def plan_groups(values: Sequence[Any], shard_rows: int,
+                max_groups: Optional[int] = None) -> _Plan:
+    """Order rows by group and cut whole groups into shards of about ``shard_rows`` rows
+    (and at most ``max_groups`` groups, which bounds a shard's (groups × d) block).
 
     Raises:
         GroupingError: A group value is null or the values cannot be ordered.
@@ -118,7 +136,8 @@ def plan_groups(values: Sequence[Any], shard_rows: int) -> _Plan:
     ptr = np.concatenate([[0], np.cumsum(counts)])
     shards, start = [], 0
     for k in range(len(uniq)):
-        if ptr[k + 1] - ptr[start] >= shard_rows or k == len(uniq) - 1:
+        if ptr[k + 1] - ptr[start] >= shard_rows or k == len(uniq) - 1 or \
+                (max_groups is not None and k + 1 - start >= max_groups):
             shards.append((start, k + 1))
             start = k + 1
     ids = [v.item() if hasattr(v, "item") else v for v in uniq]
@@ -203,26 +222,30 @@ class GradientEngine:
         if group_column not in dataset.column_names:
             raise MissingColumnError(group_column, dataset.column_names, role="group column")
         check_columns(dataset, [group_column])
-        plan = plan_groups(dataset[group_column], self.config.shard_rows)
+        plan = plan_groups(dataset[group_column], self.config.shard_rows,
+                           self.point_shard_rows())
         return self._run(dataset, plan, store, overwrite, fn, per_example=False,
                          grouping=hash_array(dataset[group_column]), taps=taps)
 
     def per_example_gradients(self, dataset: Dataset, store: Optional[str] = None,
                               overwrite: bool = False, fn: RowFn = "loss",
-                              taps: Sequence[PassTap] = ()) -> GroupGradients:
+                              taps: Sequence[PassTap] = (), keep: bool = True
+                              ) -> GroupGradients:
         """Return the n per-example gradients (point mode; vectorised, one pass).
 
-        Args and Raises: as :meth:`group_gradients`, without a group column.
+        Args and Raises: as :meth:`group_gradients`, without a group column; with a store,
+        ``keep=False`` leaves the n vectors on disk (``gradients`` is then empty; read them
+        with :meth:`GroupGradients.point_chunks`, one shard at a time).
         """
         check_columns(dataset, [])
         plan = plan_groups(list(range(len(dataset))), self.point_shard_rows())
         return self._run(dataset, plan, store, overwrite, fn, per_example=True,
-                         grouping="point", taps=taps)
+                         grouping="point", taps=taps, keep=keep or store is None)
 
     def point_shard_rows(self) -> int:
-        """Rows per shard in point mode: ``shard_rows``, capped so a shard's unprojected
-        per-example block stays within 64 MB (point mode never holds more than a shard of
-        full-size gradients beside the projected result)."""
+        """Rows per shard in point mode (groups per shard in group mode): ``shard_rows``,
+        capped so a shard's unprojected (groups × d) block stays within 64 MB (a pass never
+        holds more than one shard of full-size gradients beside the projected result)."""
         cap = max(1, (64 << 20) // (self.selection.numel * self.dtype.itemsize))
         return max(1, min(self.config.shard_rows, cap))
 
@@ -248,16 +271,17 @@ class GradientEngine:
         """
         if group_column not in dataset.column_names:
             raise MissingColumnError(group_column, dataset.column_names, role="group column")
-        if points.gradients.shape[0] != len(dataset):
+        if len(points.group_ids) != len(dataset):
             raise ValueError(f"Expected {len(dataset)} per-example vectors, got "
-                             f"{points.gradients.shape[0]}.")
+                             f"{len(points.group_ids)}.")
         plan = plan_groups(dataset[group_column], self.config.shard_rows)
         slot_of_row = np.empty(len(dataset), dtype=np.int64)
         slot_of_row[plan.order] = plan.slot
-        index = torch.as_tensor(slot_of_row, device=points.gradients.device)
         grads = torch.zeros(len(plan.group_ids), points.gradients.shape[1],
                             dtype=points.gradients.dtype, device=points.gradients.device)
-        grads.index_add_(0, index, points.gradients)
+        for rows, vectors in points.point_chunks():
+            index = torch.as_tensor(slot_of_row[rows], device=grads.device)
+            grads.index_add_(0, index, vectors.to(grads.dtype))
         fp = self.fingerprint(dataset, hash_array(dataset[group_column]), fn)
         return GroupGradients(grads, plan.group_ids, np.diff(plan.ptr), fp, points.fresh,
                               dict(points.extras))
@@ -304,7 +328,7 @@ class GradientEngine:
 
     def _run(self, dataset: Dataset, plan: _Plan, store_path: Optional[str], overwrite: bool,
              fn: RowFn, per_example: bool, grouping: str,
-             taps: Sequence[PassTap] = ()) -> GroupGradients:
+             taps: Sequence[PassTap] = (), keep: bool = True) -> GroupGradients:
         rank, world = rank_and_world()
         prepared = self.task.prepare(dataset)
         fp = self.fingerprint(dataset, grouping, fn)
@@ -338,6 +362,11 @@ class GradientEngine:
                 store.mark_complete()
             barrier()
             store = GradientStore.open(store.path)
+            if not keep:
+                return GroupGradients(
+                    torch.zeros(0, self.dim, dtype=self.dtype, device=self.device),
+                    plan.group_ids, np.diff(plan.ptr), fp, fresh,
+                    {"store": str(store.path), "device": self.device})
             grads = store.load(self.device)
         else:
             grads = all_reduce_sum(grads)  # each group was computed by exactly one process
