@@ -186,16 +186,50 @@ def test_trak_self_scores_and_kernels(bert: dict[str, Any]) -> None:
     feats = engine.per_example_gradients(bert["train"], fn=trak.output).gradients
     kernel = trak._fit.parts[0].preconditioner  # type: ignore[union-attr]
     _close(kernel.matrix(), feats.T @ feats, rtol=1e-8)
-    # the batched kernel uses the K group features
+    # the batched kernel uses the K group features of the (unweighted) output function, not
+    # the Q-weighted training vectors; with singleton groups it is the exact kernel
     grouped = _trak(bert, kernel="group").fit(bert["train"], "group_id")
-    phi = grouped._fit.parts[0].raw  # type: ignore[union-attr]
+    phi = engine.group_gradients(bert["train"], "group_id", fn=trak.output).gradients
     _close(grouped._fit.parts[0].preconditioner.matrix(), phi.T @ phi, rtol=1e-8)  # type: ignore
+    weighted = grouped._fit.parts[0].raw  # type: ignore[union-attr]
+    assert not torch.allclose(grouped._fit.parts[0].preconditioner.matrix(),  # type: ignore
+                              weighted.T @ weighted, rtol=1e-3)
+    singles = _trak(bert, kernel="group").fit(bert["train"], "row")
+    point_kernel = singles._fit.parts[0].preconditioner  # type: ignore[union-attr]
+    _close(point_kernel.matrix(), kernel.matrix(), rtol=1e-8)  # type: ignore[union-attr]
     # a sampled kernel: n / s times the features of a seeded sample of s rows
     sampled = _trak(bert, kernel="sample", kernel_sample_size=5).fit(bert["train"], "group_id")
     sample_kernel = sampled._fit.parts[0].preconditioner.matrix()  # type: ignore[union-attr]
     n = len(GROUPS)
     rows = sorted(torch.randperm(n, generator=torch.Generator().manual_seed(0))[:5].tolist())
     _close(sample_kernel, (n / 5) * feats[rows].T @ feats[rows], rtol=1e-8)
+
+
+@pytest.mark.parametrize("kernel", ["group", "exact"])
+def test_trak_one_pass_grouping_equals_grouping_first(bert: dict[str, Any], kernel: str) -> None:
+    """fit(grouper=...) gives the groups and scores of grouping first, kernel included; the
+    pass's output-layer features have the loss's sign (train_sign = −1 for Q·f)."""
+    from hf_ggda.grouping import GradKMeansGrouper
+
+    grouped = GradKMeansGrouper(num_groups=3, seed=0, batch_size=5).assign(
+        bert["train"], model=bert["model"], task=bert["task"])
+    two = _trak(bert, kernel=kernel).fit(grouped, "group_id")
+    one = _trak(bert, kernel=kernel).fit(bert["train"], grouper=GradKMeansGrouper(
+        num_groups=3, seed=0, batch_size=5))
+    assert one.train_dataset["group_id"] == grouped["group_id"]
+    assert one.group_ids == two.group_ids == [0, 1, 2]
+    kernels = [t._fit.parts[0].preconditioner.matrix() for t in (one, two)]  # type: ignore
+    _close(kernels[0], kernels[1], rtol=1e-8)
+    _close(one.score(bert["query"]).matrix, two.score(bert["query"]).matrix, rtol=1e-8)
+    # the features of a pass of Q·f, times train_sign, are those of a pass of the loss
+    grouper, n = GradKMeansGrouper(num_groups=3, seed=0), len(GROUPS)
+    engine = one._engine(0, one.components[0])
+    taps = [grouper.pass_tap(bert["model"], bert["task"], n, sign=sign)
+            for sign in (one.train_sign(), 1.0)]
+    for tap, fn in zip(taps, (one.train_fn(), "loss")):
+        engine.group_gradients(bert["train"], "group_id", fn=fn, taps=[tap])
+    assert one.train_sign() == -1.0
+    _close(torch.as_tensor(taps[0].matrix()), torch.as_tensor(taps[1].matrix()), rtol=1e-6)
 
 
 def test_trak_ensemble_averages_members(bert: dict[str, Any]) -> None:

@@ -10,25 +10,31 @@ Q_i.detach() · f_i, so no per-example gradient is formed. Since ∂ℓ_i/∂f_i
 cross-entropy, φ_G = −Pᵀ g_G: τ has the sign of the influence function with the Gauss-Newton
 kernel ΦᵀΦ as curvature, positive when G helps the query.
 
-The kernel ΦᵀΦ comes from the K group features (``kernel="group"``, the batched kernel), from
-per-example features of a seeded sample of rows scaled by n/s (``"sample"``) or from all rows
-(``"exact"``).
+The kernel ΦᵀΦ is always built from features of the *unweighted* output function f, as in
+TRAK: from the K group features Pᵀ Σ_{i∈G} ∇f_i (``kernel="group"``, the batched kernel; one
+extra group-gradient pass), from per-example features Pᵀ∇f_i of a seeded sample of s rows
+scaled by n/s (``"sample"``) or from all n rows (``"exact"``). With singleton groups the group
+kernel is therefore exactly the exact kernel. (The Q-weighted training vectors φ_G are not
+used for the kernel: for singletons they would give Σ_i Q_i² φ_i φ_iᵀ instead of ΦᵀΦ.)
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+import numpy as np
 import torch
 from datasets import Dataset
 
 from ..curvature import MatrixPreconditioner, Preconditioner
+from ..errors import GroupingError
 from ..gradients.engine import EngineConfig, GradientEngine, GroupGradients, fn_key
 from ..logging import get_logger
-from ..tasks import AttributionTask, Batch, CausalLMTask
+from ..tasks import GROUP_COLUMN, AttributionTask, Batch, CausalLMTask
 from .base import Attributor, AttributorConfig, Component
 from .checkpoints import Checkpoint, CheckpointSource
 from .registry import register_attributor
@@ -154,6 +160,8 @@ class TRAK(Attributor):
                  output_fn: Optional[OutputFn] = None) -> None:
         self._sources = list(checkpoints) if checkpoints is not None else None
         self._custom_fn = output_fn
+        self._group_column = GROUP_COLUMN
+        self._overwrite = False
         super().__init__(model, task, config)
         if output_fn is None and not isinstance(task, CausalLMTask) \
                 and not callable(getattr(task, "margin", None)):
@@ -215,28 +223,69 @@ class TRAK(Attributor):
         """Self-influence measures the output function of the group's own rows."""
         return self._keyed(self.output, "output")
 
+    def train_sign(self) -> float:
+        """−1: the logit-gradient of Q.detach() · f is Q ∂f/∂z = −(softmax − onehot)."""
+        return -1.0
+
     # -- kernel --------------------------------------------------------------------------------
+    def fit(self, train_dataset: Dataset, group_column: str = GROUP_COLUMN,
+            store: Optional[str | os.PathLike[str]] = None,
+            overwrite: bool = False, **kwargs: Any) -> "TRAK":
+        """As :meth:`Attributor.fit`; the group kernel is built over the same groups, and
+        ``overwrite`` applies to the kernel's stores as well.
+
+        Args:
+            train_dataset: Raw training rows with a group column.
+            group_column: Column of group ids (use a row-index column for point mode).
+            store: Folder for resumable gradient stores (None: memory).
+            overwrite: Replace stores made for another request instead of raising.
+            **kwargs: Further options of :meth:`Attributor.fit` (a ``grouper`` writes the
+                column ``group_id``).
+
+        Returns:
+            ``self``.
+        """
+        grouped = kwargs.get("grouper") is not None
+        self._group_column = GROUP_COLUMN if grouped else group_column
+        self._overwrite = overwrite
+        super().fit(train_dataset, group_column, store=store, overwrite=overwrite, **kwargs)
+        return self
+
     def fit_preconditioner(self, component: Component, engine: GradientEngine,
                            train: Dataset, groups: GroupGradients,
                            store: Optional[Path]) -> Optional[Preconditioner]:
-        """Build (ΦᵀΦ + λI)⁻¹ from group, sampled or all per-example features.
+        """Build (ΦᵀΦ + λI)⁻¹ from features of the output function f (not Q-weighted): the K
+        group features, a scaled sample of per-example features, or all of them.
 
         Raises:
             NonFiniteError: A feature is NaN/Inf.
+            GroupingError: The group kernel's groups differ from the fitted groups.
         """
         kind, n = self.config.kernel, len(train)
         sub = None if store is None else str(store / f"kernel-{kind}")
         if kind == "group":
-            feats, scale = groups.gradients, 1.0
+            # Pᵀ Σ_{i∈G} ∇f_i: for singleton groups these are the per-example features, so the
+            # batched kernel is the exact one (``groups`` holds Pᵀ Σ Q_i ∇f_i, whose kernel for
+            # singletons would be Σ Q_i² φ_i φ_iᵀ)
+            unweighted = engine.group_gradients(train, self._group_column, store=sub,
+                                                overwrite=self._overwrite,
+                                                fn=self._keyed(self.output, "output"))
+            if unweighted.group_ids != groups.group_ids \
+                    or not np.array_equal(unweighted.sizes, groups.sizes):
+                raise GroupingError(f"The kernel's groups (column {self._group_column!r}) are "
+                                    "not the fitted groups; call fit() with the group column.")
+            feats, scale = unweighted.gradients, 1.0
         elif kind == "exact" or self.config.kernel_sample_size >= n:
             feats = engine.per_example_gradients(
-                train, store=sub, fn=self._keyed(self.output, "output")).gradients
+                train, store=sub, overwrite=self._overwrite,
+                fn=self._keyed(self.output, "output")).gradients
             scale = 1.0
         else:
             size = self.config.kernel_sample_size
             gen = torch.Generator().manual_seed(component.seed)
             rows = sorted(torch.randperm(n, generator=gen)[:size].tolist())
             feats = engine.per_example_gradients(train.select(rows), store=sub,
+                                                 overwrite=self._overwrite,
                                                  fn=self._keyed(self.output, "output")).gradients
             scale = n / size
         kernel = TRAKKernel(self.config.damping)
