@@ -178,3 +178,23 @@ def test_one_pass_grouping_with_a_store_and_its_rerun(tmp_path) -> None:
         assert att.train_dataset["group_id"] == memory.train_dataset["group_id"]
         torch.testing.assert_close(att.score(q).matrix, memory.score(q).matrix, rtol=1e-8,
                                    atol=1e-10)
+
+
+@pytest.mark.parametrize("kernel", ["group", "exact", "sample"])
+def test_trak_makes_one_pass_and_equals_its_kernel_pass(kernel: str) -> None:
+    from hf_ggda.attributors import TRAK, TRAKConfig
+
+    model, task, data = _setup(16)
+    data = data.add_column("group_id", [i % 4 for i in range(16)])
+    cfg = TRAKConfig(projection_dim=16, kernel=kernel, kernel_sample_size=10, damping=1e-3,
+                     batch_size=8)
+    counter = _RowCounter(model)
+    fused = TRAK(model, task, cfg).fit(data)
+    assert counter.passes(16) == pytest.approx(1.0)
+    separate = TRAK(model, task, cfg)
+    separate.point_pass = lambda: False  # type: ignore[method-assign]  # the kernel's own pass
+    separate.prepare_pass = lambda *a: []  # type: ignore[method-assign,assignment]
+    separate.fit(data)
+    q = toy_dataset(3, seed=6)
+    torch.testing.assert_close(fused.score(q).matrix, separate.score(q).matrix, rtol=1e-7,
+                               atol=1e-9)

@@ -316,13 +316,27 @@ class Attributor(ABC):
         engine = self._engine(c, comp)
         with comp.activate(self.model):
             taps = self.prepare_pass(c, comp, engine, train, sub)
-            groups = engine.group_gradients(
-                train, group_column, overwrite=overwrite, fn=self.train_fn(),
-                store=None if sub is None else str(sub / "groups"), taps=taps)
-            if bool((groups.sizes == 1).all()):  # point mode: the vectors are per-row
-                groups.extras["row_vectors"] = _row_vectors(
-                    groups.gradients, plan_groups(train[group_column], 1).order)
+            if self.point_pass():  # per-example vectors, summed into the groups
+                points = engine.per_example_gradients(
+                    train, fn=self.train_fn(), taps=taps, overwrite=overwrite, keep=False,
+                    store=None if sub is None else str(sub / "points"))
+                groups = engine.sum_into_groups(points, train, group_column, self.train_fn())
+                groups.extras["row_vectors"] = points.point_chunks
+            else:
+                groups = engine.group_gradients(
+                    train, group_column, overwrite=overwrite, fn=self.train_fn(),
+                    store=None if sub is None else str(sub / "groups"), taps=taps)
+                if bool((groups.sizes == 1).all()):  # point mode: the vectors are per-row
+                    groups.extras["row_vectors"] = _row_vectors(
+                        groups.gradients, plan_groups(train[group_column], 1).order)
             return self._finish_part(comp, engine, train, groups, sub)
+
+    def point_pass(self) -> bool:
+        """Whether the training pass computes per-example vectors and sums them into the
+        groups (exact by linearity), instead of group sums directly (default: False). Worth
+        it when the vectors are projected (small) and the method needs per-row statistics:
+        TRAK's kernel then costs no pass of its own."""
+        return False
 
     def _finish_part(self, comp: Component, engine: GradientEngine, train: Dataset,
                      groups: GroupGradients, sub: Optional[Path]) -> _Part:

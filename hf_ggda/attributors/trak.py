@@ -32,7 +32,9 @@ from datasets import Dataset
 
 from ..curvature import MatrixPreconditioner, Preconditioner
 from ..errors import GroupingError
-from ..gradients.engine import EngineConfig, GradientEngine, GroupGradients, fn_key
+from ..gradients.engine import EngineConfig, GradientEngine, GroupGradients, fn_key, plan_groups
+from ..gradients.taps import Calls, PassTap
+from ..integrations.distributed import all_reduce_sum
 from ..logging import get_logger
 from ..tasks import GROUP_COLUMN, AttributionTask, Batch, CausalLMTask
 from .base import Attributor, AttributorConfig, Component
@@ -162,6 +164,8 @@ class TRAK(Attributor):
         self._custom_fn = output_fn
         self._group_column = GROUP_COLUMN
         self._overwrite = False
+        self._last_q: Optional[torch.Tensor] = None
+        self._q_taps: dict[int, _QTap] = {}
         super().__init__(model, task, config)
         if output_fn is None and not isinstance(task, CausalLMTask) \
                 and not callable(getattr(task, "margin", None)):
@@ -201,7 +205,9 @@ class TRAK(Attributor):
             weighted = torch.sigmoid(-margins).detach() * margins
             return _token_reduce(weighted, mask, self.task.reduction)
         f = self.output(model, batch)
-        return torch.sigmoid(-f).detach() * f
+        q = torch.sigmoid(-f).detach()
+        self._last_q = q  # read by the pass's Q tap (per-row out-to-loss weights)
+        return q * f
 
     def _keyed(self, fn: Callable[[torch.nn.Module, Batch], torch.Tensor], name: str
                ) -> Callable[[torch.nn.Module, Batch], torch.Tensor]:
@@ -228,6 +234,23 @@ class TRAK(Attributor):
         return -1.0
 
     # -- kernel --------------------------------------------------------------------------------
+    def _per_row_q(self) -> bool:
+        """Q is one number per row (not per token), so φ_i = (Q_i φ_i) / Q_i."""
+        return self._custom_fn is not None or not isinstance(self.task, CausalLMTask)
+
+    def point_pass(self) -> bool:
+        """Per-example projected vectors (n × p, small): the kernel then needs no pass."""
+        return self._per_row_q()
+
+    def prepare_pass(self, index: int, component: Component, engine: GradientEngine,
+                     train: Dataset, store: Optional[Path]) -> list[PassTap]:
+        """A tap recording each row's Q, so the kernel comes from the pass's vectors."""
+        if not self._per_row_q():
+            return []
+        tap = _QTap(self, len(train))
+        self._q_taps[id(component)] = tap
+        return [tap]
+
     def fit(self, train_dataset: Dataset, group_column: str = GROUP_COLUMN,
             store: Optional[str | os.PathLike[str]] = None,
             overwrite: bool = False, **kwargs: Any) -> "TRAK":
@@ -263,6 +286,12 @@ class TRAK(Attributor):
         """
         kind, n = self.config.kernel, len(train)
         sub = None if store is None else str(store / f"kernel-{kind}")
+        tap = self._q_taps.pop(id(component), None)
+        rows = groups.extras.get("row_vectors")
+        if tap is not None and rows is not None and groups.fresh and tap.usable():
+            kernel = TRAKKernel(self.config.damping)
+            kernel.set_matrix(self._kernel_from_rows(component, train, groups, rows, tap.q))
+            return kernel
         if kind == "group":
             # Pᵀ Σ_{i∈G} ∇f_i: for singleton groups these are the per-example features, so the
             # batched kernel is the exact one (``groups`` holds Pᵀ Σ Q_i ∇f_i, whose kernel for
@@ -292,5 +321,64 @@ class TRAK(Attributor):
         kernel.set_matrix(scale * feats.T @ feats)
         return kernel
 
+
+    def _kernel_from_rows(self, component: Component, train: Dataset, groups: GroupGradients,
+                          rows: Callable[[], Any], q: torch.Tensor) -> torch.Tensor:
+        """ΦᵀΦ from the pass's per-row vectors Q_i φ_i divided by Q_i (no pass of its own)."""
+        kind, n = self.config.kernel, len(train)
+        keep, scale = None, 1.0
+        if kind == "sample" and self.config.kernel_sample_size < n:
+            gen = torch.Generator().manual_seed(component.seed)
+            keep = set(torch.randperm(n, generator=gen)[:self.config.kernel_sample_size]
+                       .tolist())
+            scale = n / self.config.kernel_sample_size
+        slot = None
+        if kind == "group":
+            plan = plan_groups(train[self._group_column], 1)
+            if plan.group_ids != groups.group_ids:
+                raise GroupingError(f"The kernel's groups (column {self._group_column!r}) are "
+                                    "not the fitted groups; call fit() with the group column.")
+            slot = np.empty(n, dtype=np.int64)
+            slot[plan.order] = plan.slot
+            feats = torch.zeros(len(groups.group_ids), groups.gradients.shape[1],
+                                dtype=groups.gradients.dtype, device=groups.gradients.device)
+        total = torch.zeros(groups.gradients.shape[1], groups.gradients.shape[1],
+                            dtype=groups.gradients.dtype, device=groups.gradients.device)
+        for index, vectors in rows():
+            phi = vectors / q[index].to(vectors)[:, None]
+            if slot is not None:
+                feats.index_add_(0, torch.as_tensor(slot[index], device=feats.device), phi)
+                continue
+            if keep is not None:
+                phi = phi[[j for j, r in enumerate(index) if int(r) in keep]]
+            total += phi.T @ phi
+        if slot is not None:
+            total = feats.T @ feats
+        return scale * total
+
+
+class _QTap(PassTap):
+    """Records each training row's out-to-loss weight Q_i = 1 − p_i during TRAK's pass."""
+
+    def __init__(self, trak: TRAK, num_rows: int) -> None:
+        self.trak = trak
+        self.q = torch.zeros(num_rows, dtype=torch.float64)
+        self.seen = torch.zeros(num_rows, dtype=torch.int32)
+
+    def observe(self, batch: Batch, rows: Sequence[int], calls: Calls) -> None:
+        q = self.trak._last_q
+        if q is None or len(q) != len(rows):
+            return
+        index = torch.as_tensor(list(rows), dtype=torch.long)
+        self.q[index] = q.detach().double().cpu()
+        self.seen[index] = 1
+
+    def finish(self) -> None:
+        all_reduce_sum(self.q)
+        all_reduce_sum(self.seen)
+
+    def usable(self) -> bool:
+        """Every row seen, and no Q so small that dividing by it loses the features."""
+        return bool(self.seen.all()) and float(self.q.min()) > 1e-20
 
 register_attributor("trak", TRAKConfig, TRAK)
