@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from .config import ConfigMixin
+from .errors import GGDAError
 
 
 @dataclass
@@ -304,7 +305,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             _card(args)
         else:
             _attribute(args, with_queries=args.command == "attribute")
-    except (ValueError, RuntimeError, FileNotFoundError, FloatingPointError, KeyError) as err:
+    except (GGDAError, ValueError, RuntimeError, FileNotFoundError, FloatingPointError,
+            KeyError) as err:  # GGDAError: the store's OSError kinds (path is a file...)
         print(f"hf-ggda: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -2,7 +2,8 @@
 
 Every error names the problem and says how to fix it. Each subclasses the built-in exception
 that fits (``ValueError`` for bad input, ``RuntimeError`` for bad state, ``FileNotFoundError``
-for missing stores, ``FloatingPointError`` for non-finite numbers) so callers can catch either.
+for missing stores, ``OSError`` subclasses for store folders that cannot be used as asked,
+``FloatingPointError`` for non-finite numbers) so callers can catch either.
 """
 
 from __future__ import annotations
@@ -107,6 +108,31 @@ class StoreMismatchError(GGDAError, ValueError):
 
 class CorruptShardError(GGDAError, RuntimeError):
     """A store shard cannot be read."""
+
+
+class StorePathError(GGDAError, NotADirectoryError):
+    """A store path is a file (or lies under one), not a folder."""
+
+
+class StoreFolderNotEmptyError(GGDAError, FileExistsError):
+    """A store folder holds files the store did not write; they are never touched."""
+
+
+class ManifestError(GGDAError, ValueError):
+    """A store manifest cannot be trusted: bad JSON, an unknown format version, or fields that
+    fail the schema or no longer match the manifest's own hash (edited by hand)."""
+
+
+class StoreLockedError(GGDAError, TimeoutError):
+    """Another process held a store's lock for longer than the lock timeout."""
+
+
+class StoreReadOnlyError(GGDAError, PermissionError):
+    """A store must be written (it is incomplete or being replaced) but its folder is read-only."""
+
+
+class StoreChangedError(GGDAError, RuntimeError):
+    """Another process replaced a store while this one was writing or reading it."""
 
 
 class TokenizationMismatchError(GGDAError, ValueError):

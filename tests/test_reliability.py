@@ -4,6 +4,7 @@ test of group linearity."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import random
 import warnings
@@ -16,9 +17,10 @@ from hypothesis import strategies as st
 
 from hf_ggda.attributors import InfluenceConfig, InfluenceFunction
 from hf_ggda.errors import (ColumnTypeError, EmptyDatasetError, GroupingError,
-                            MissingColumnError, NoParametersError, NonFiniteError,
-                            NotFittedError, PartialSelectionWarning, StoreMismatchError,
-                            StoreNotFoundError, TokenizationMismatchError)
+                            ManifestError, MissingColumnError, NoParametersError,
+                            NonFiniteError, NotFittedError, PartialSelectionWarning,
+                            StoreMismatchError, StoreNotFoundError, StorePathError,
+                            TokenizationMismatchError)
 from hf_ggda.gradients import EngineConfig, GradientEngine
 from hf_ggda.grouping import get_grouper
 from hf_ggda.params import ParameterSelection
@@ -26,7 +28,9 @@ from hf_ggda.store import GradientStore
 from hf_ggda.testing import tiny_model, tiny_tokenizer, toy_dataset
 
 from .conftest import make_setup
+from .test_cli import saved_model  # noqa: F401 (fixture)
 from .test_engine import grouped
+from .test_store import _create_args, _snapshot, _synthetic
 
 
 def _frozen_model():
@@ -147,6 +151,109 @@ def test_full_disk_keeps_previous_complete_state(bert_setup, tmp_path, monkeypat
     assert not [f for f in os.listdir(tmp_path / "s") if f.endswith(".tmp")]
 
 
+# -- gradient-store paths that are files, manifests that cannot be trusted (read back as untrusted
+#    input): each raises a typed error naming the fix, and nothing in the folder changes
+def test_store_path_that_is_a_file_is_refused(tmp_path):
+    file = tmp_path / "grads.bin"
+    file.write_bytes(b"user data")
+    before = _snapshot(tmp_path)
+    for call in (lambda: GradientStore.create(file, **_create_args()),
+                 lambda: GradientStore.create(file, **_create_args(), write=False),
+                 lambda: GradientStore.open(file)):
+        with pytest.raises(StorePathError) as info:
+            call()
+        assert str(file) in str(info.value) and "not a folder" in str(info.value)
+        assert "new path or an empty folder" in str(info.value)
+        assert isinstance(info.value, NotADirectoryError)
+    with pytest.raises(StorePathError, match="lies under"):
+        GradientStore.create(file / "sub", **_create_args())
+    assert _snapshot(tmp_path) == before
+
+
+def test_bad_json_manifest_is_refused_and_kept(tmp_path):
+    path = tmp_path / "s"
+    _synthetic(path)
+    mpath = path / "manifest.json"
+    mpath.write_bytes(mpath.read_bytes()[:40])  # a torn / hand-mangled file
+    before = _snapshot(path)
+    for call in (lambda: GradientStore.open(path),
+                 lambda: GradientStore.create(path, **_create_args(), overwrite=True)):
+        with pytest.raises(ManifestError, match="not valid JSON") as info:
+            call()
+        assert "delete that folder" in str(info.value) and "another" in str(info.value)
+        assert isinstance(info.value, ValueError)
+    assert _snapshot(path) == before
+
+
+def test_manifest_that_is_a_folder_is_refused(tmp_path):
+    (tmp_path / "s" / "manifest.json").mkdir(parents=True)
+    before = _snapshot(tmp_path)
+    with pytest.raises(ManifestError, match="not a regular file") as info:
+        GradientStore.create(tmp_path / "s", **_create_args(), overwrite=True)
+    assert "new or empty" in str(info.value)
+    assert _snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("version", [99, 0, "2", None])
+def test_unknown_manifest_version_is_refused(tmp_path, version):
+    path = tmp_path / "s"
+    _synthetic(path)
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["format_version"] = version
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    before = _snapshot(path)
+    for call in (lambda: GradientStore.open(path),
+                 lambda: GradientStore.create(path, **_create_args(), overwrite=True)):
+        with pytest.raises(ManifestError, match=f"format_version {version!r}") as info:
+            call()
+        assert "Upgrade hf_ggda" in str(info.value) and "delete that folder" in str(info.value)
+    assert _snapshot(path) == before
+
+
+# name: (a hand edit of the manifest, words the error message must contain)
+EDITS = {
+    "dim": (lambda m: m.__setitem__("dim", 5), "edited by hand"),
+    "group id": (lambda m: m["group_ids"].__setitem__(0, 99), "edited by hand"),
+    "gap in shards": (lambda m: m["shard_bounds"][1].__setitem__(0, 3), "consecutive"),
+    "dtype": (lambda m: m.__setitem__("dtype", "int8"), "'int8'"),
+    "complete flag": (lambda m: m.__setitem__("complete", "yes"), "'yes'"),
+    "extra field": (lambda m: m.__setitem__("note", "mine"), "'note'"),
+    "missing field": (lambda m: m.pop("fingerprint"), "'fingerprint'"),
+    "hash removed": (lambda m: m.pop("request"), "'request'"),
+    "duplicate ids": (lambda m: m["group_ids"].__setitem__(1, 0), "duplicate"),
+}
+
+
+@pytest.mark.parametrize("edit", sorted(EDITS))
+def test_hand_edited_manifest_is_refused(tmp_path, edit):
+    path = tmp_path / "s"
+    _synthetic(path)
+    manifest = json.loads((path / "manifest.json").read_text())
+    change, words = EDITS[edit]
+    change(manifest)
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    before = _snapshot(path)
+    for call in (lambda: GradientStore.open(path),
+                 lambda: GradientStore.create(path, **_create_args(), overwrite=True),
+                 lambda: GradientStore.create(path, **_create_args(), write=False)):
+        with pytest.raises(ManifestError) as info:
+            call()
+        message = str(info.value)
+        assert words in message and "Restore the file" in message
+        assert "another (new or empty) store path" in message
+    assert _snapshot(path) == before
+
+
+def test_manifest_that_is_not_an_object_is_refused(tmp_path):
+    path = tmp_path / "s"
+    _synthetic(path)
+    (path / "manifest.json").write_text("[1, 2]")
+    before = _snapshot(path)
+    with pytest.raises(ManifestError, match="not a JSON object"):
+        GradientStore.open(path)
+    assert _snapshot(path) == before
+
+
 def test_same_seeds_give_bit_identical_scores(tmp_path):
     runs = []
     for _ in range(2):
@@ -203,3 +310,18 @@ def test_group_linearity_property(groups):
     labels = torch.tensor(groups)
     expected = torch.stack([_POINT[:, labels == g].sum(1) for g in scores.group_ids], dim=1)
     torch.testing.assert_close(scores.matrix, expected, rtol=1e-6, atol=1e-10)
+
+
+def test_cli_store_path_that_is_a_file_exits_2(saved_model, capsys):
+    """The store's OSError kinds (here: a path that is a file) are one clean CLI line too."""
+    from hf_ggda.cli import main
+
+    d = saved_model
+    (d / "st").write_bytes(b"user data")
+    argv = ["attribute", "influence", "--model", str(d / "base"), "--train", str(d / "train"),
+            "--queries", str(d / "queries.jsonl"), "--max-length", "16", "--store",
+            str(d / "st"), "--group-column", "label", "--output", str(d / "o")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "hf-ggda: error:" in err and "not a folder" in err and "Traceback" not in err
+    assert (d / "st").read_bytes() == b"user data" and not (d / "o").exists()
