@@ -7,10 +7,11 @@ Gradients are taken for the selected parameters only; every other weight is a co
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import re
 import warnings
 from dataclasses import dataclass
-from typing import Iterator, Sequence, Union
+from typing import Iterator, Optional, Sequence, Union
 
 import torch
 
@@ -37,6 +38,24 @@ def _peft_names(model: torch.nn.Module) -> list[str]:
         if (is_tuner or is_saved or is_prompt) and in_adapter:
             names.append(name)
     return names
+
+
+def _linear_names(model: torch.nn.Module) -> list[str]:
+    """Names of the weights and biases of every Linear / Conv1D layer (tied weights that the
+    model names elsewhere, e.g. a GPT-2 head tied to the embeddings, are not included)."""
+    from transformers.pytorch_utils import Conv1D
+
+    owned: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Linear, Conv1D)):
+            owned |= {id(p) for p in module.parameters(recurse=False)}
+    chosen = []
+    for mname, module in model.named_modules():
+        if isinstance(module, (torch.nn.Linear, Conv1D)):
+            for pname, _ in module.named_parameters(recurse=False):
+                chosen.append(f"{mname}.{pname}" if mname else pname)
+    names = dict(model.named_parameters())
+    return [n for n in names if n in set(chosen) and id(names[n]) in owned]
 
 
 def _is_peft(model: torch.nn.Module) -> bool:
@@ -106,8 +125,10 @@ class ParameterSelection:
         Args:
             model: The model (a ``PeftModel`` or any torch module).
             spec: ``"auto"`` (PEFT adapters on a PeftModel, else trainable parameters),
-                ``"peft"``, ``"trainable"``, or a list of exact names / regular expressions
-                (full match) of parameters.
+                ``"peft"``, ``"trainable"``, ``"linear"`` (the weights and biases of every
+                ``nn.Linear`` / ``Conv1D`` layer, for fine-tuning without PEFT), or a list of
+                exact names, regular expressions (full match) or shell-style patterns such as
+                ``"*.attention.*"`` (fnmatch) of parameter names.
             strict: Raise instead of warning when some requested names match nothing.
 
         Returns:
@@ -118,7 +139,9 @@ class ParameterSelection:
             ValueError: ``spec`` is unknown, or (strict) some names matched nothing.
         """
         all_names = [n for n, _ in model.named_parameters()]
-        if isinstance(spec, str) and spec in ("auto", "peft", "trainable"):
+        if isinstance(spec, str) and spec == "linear":
+            names, how = _linear_names(model), "linear"
+        elif isinstance(spec, str) and spec in ("auto", "peft", "trainable"):
             how = spec
             if spec == "peft" or (spec == "auto" and _is_peft(model)):
                 if not _is_peft(model):
@@ -152,8 +175,12 @@ class ParameterSelection:
         chosen: set[str] = set()
         unmatched = []
         for pat in patterns:
-            regex = re.compile(pat)
-            hits = {n for n in all_names if n == pat or regex.fullmatch(n)}
+            try:
+                regex: Optional[re.Pattern[str]] = re.compile(pat)
+            except re.error:  # e.g. "*.mlp.*": a shell-style pattern only
+                regex = None
+            hits = {n for n in all_names if n == pat or (regex is not None and regex.fullmatch(n))
+                    or fnmatch.fnmatchcase(n, pat)}
             if not hits:
                 unmatched.append(pat)
             chosen |= hits

@@ -173,6 +173,8 @@ class GradientStore:
         old = read_manifest(path)
         action = cls._plan(path, old, manifest, overwrite)
         if not write or (action == "resume" and old is not None and old["complete"]):
+            if write:
+                logger.info("Resuming gradient store %s (complete: nothing to compute).", path)
             return cls(path, old if action == "resume" and old is not None else manifest)
         try:
             path.mkdir(parents=True, exist_ok=True)

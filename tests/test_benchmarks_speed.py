@@ -41,7 +41,9 @@ def test_end_to_end_quick_run():
             assert row[g]["ratio"] == row[g]["s"] / e2e["floor_s"]
             assert row[g]["ratio_per_checkpoint"] == row[g]["ratio"] / row["checkpoints"]
             assert math.isfinite(row[g]["peak_mb"])
-        assert 0 < row["random"]["store_mb"] < row["point"]["store_mb"]  # K x d vs n x d
+        # K x d vs n x d on disk (TRAK keeps its n x p point vectors in both)
+        assert 0 < row["random"]["store_mb"] <= row["point"]["store_mb"]
+        assert name == "trak" or row["random"]["store_mb"] < row["point"]["store_mb"]
         assert row["checkpoints"] == (2 if name == "tracin" else 1)
         # the one-pass grouping finds the same groups and the same scores
         same = e2e["agreement"][f"{name}: 1-pass vs 2-pass grouping"]

@@ -68,6 +68,9 @@ class AttributorConfig(ConfigMixin):
         selection: Parameters to attribute through ("auto", "peft", "trainable" or names /
             regular expressions).
         shard_rows: Target rows per gradient-store shard.
+        factorised_dim: Project every tracked linear layer's gradient inside the hooks to a
+            k × k block (k per side; :mod:`hf_ggda.gradients.factorised`); None: off. Makes
+            full-layer and LLM-size attribution fit in memory (replaces a dense projection).
     """
 
     attributor_type: str = field(default="", metadata={"help": "Registered method name."})
@@ -75,6 +78,8 @@ class AttributorConfig(ConfigMixin):
     selection: Union[str, list[str]] = field(
         default="auto", metadata={"help": "'auto', 'peft', 'trainable' or parameter names."})
     shard_rows: int = field(default=512, metadata={"help": "Target rows per store shard."})
+    factorised_dim: Optional[int] = field(default=None, metadata={
+        "help": "Factorised projection: k per side of every linear layer (None = off)."})
 
     def __post_init__(self) -> None:
         expected = type(self).__dataclass_fields__["attributor_type"].default
@@ -85,6 +90,8 @@ class AttributorConfig(ConfigMixin):
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}.")
         if self.shard_rows < 1:
             raise ValueError(f"shard_rows must be >= 1, got {self.shard_rows}.")
+        if self.factorised_dim is not None and self.factorised_dim < 1:
+            raise ValueError(f"factorised_dim must be >= 1 or None, got {self.factorised_dim}.")
         if not isinstance(self.selection, (str, list, tuple)) or not self.selection:
             raise ValueError(f"selection must be a non-empty string or list, got "
                              f"{self.selection!r}.")
@@ -195,7 +202,8 @@ class Attributor(ABC):
 
     def engine_config(self, component: Component) -> EngineConfig:
         """Engine settings for one component (default: no projection)."""
-        return EngineConfig(batch_size=self.config.batch_size, shard_rows=self.config.shard_rows)
+        return EngineConfig(batch_size=self.config.batch_size, shard_rows=self.config.shard_rows,
+                            factorised_dim=self.config.factorised_dim)
 
     def train_fn(self) -> RowFn:
         """The per-row training function whose group gradients are v(G) (default: loss)."""

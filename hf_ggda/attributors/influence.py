@@ -86,6 +86,11 @@ class InfluenceConfig(AttributorConfig):
             raise ValueError(f"damping must be >= 0, got {self.damping}.")
         if self.preconditioner == "datainf" and self.damping <= 0:
             raise ValueError("The datainf preconditioner needs damping > 0.")
+        if self.factorised_dim is not None and (
+                self.preconditioner not in ("identity", "kfac", "ekfac") or self.projection_dim):
+            raise ValueError("factorised_dim works with the identity, kfac and ekfac "
+                             "preconditioners (K-FAC factors are fitted in the projected space) "
+                             "and without projection_dim.")
         if self.preconditioner != "identity" and (self.cosine or self.projection_dim):
             raise ValueError("cosine and projection_dim work with preconditioner='identity' "
                              "only: curvature is computed in the unprojected parameter space.")
@@ -145,6 +150,7 @@ class InfluenceFunction(Attributor):
         cfg = self.config
         return EngineConfig(batch_size=cfg.batch_size, shard_rows=cfg.shard_rows,
                             projection_dim=cfg.projection_dim,
+                            factorised_dim=cfg.factorised_dim,
                             projection_kind=cfg.projection_kind, seed=cfg.seed)
 
     def _cache(self, store: Optional[Path]) -> Optional[Path]:

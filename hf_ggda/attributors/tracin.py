@@ -66,7 +66,8 @@ class TracInConfig(AttributorConfig):
             if self.checkpoints and len(self.learning_rates) != len(self.checkpoints):
                 raise ValueError(f"{len(self.learning_rates)} learning rates for "
                                  f"{len(self.checkpoints)} checkpoints.")
-        EngineConfig(projection_dim=self.projection_dim, projection_kind=self.projection_kind)
+        EngineConfig(projection_dim=self.projection_dim, projection_kind=self.projection_kind,
+                     factorised_dim=self.factorised_dim)
 
 
 class TracIn(Attributor):
@@ -133,6 +134,7 @@ class TracIn(Attributor):
         cfg = self.config
         return EngineConfig(batch_size=cfg.batch_size, shard_rows=cfg.shard_rows,
                             projection_dim=cfg.projection_dim,
+                            factorised_dim=cfg.factorised_dim,
                             projection_kind=cfg.projection_kind, seed=component.seed)
 
 

@@ -186,7 +186,8 @@ class TRAK(Attributor):
         """Projected engine with the component's seed."""
         cfg = self.config
         return EngineConfig(batch_size=cfg.batch_size, shard_rows=cfg.shard_rows,
-                            projection_dim=cfg.projection_dim,
+                            projection_dim=None if cfg.factorised_dim else cfg.projection_dim,
+                            factorised_dim=cfg.factorised_dim,
                             projection_kind=cfg.projection_kind, seed=component.seed)
 
     # -- output functions ----------------------------------------------------------------------

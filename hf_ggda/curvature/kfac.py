@@ -144,16 +144,18 @@ class KFAC(Preconditioner):
 
     # -- structure ----------------------------------------------------------------------------
     def _setup(self, ctx: CurvatureContext) -> GradientCollector:
-        collector = GradientCollector(ctx.model, ctx.engine.selection, ctx.engine.dtype)
+        """Modules in the engine's layout: with a factorised projection, each module is its
+        k_out × k_in block and the factors are fitted from the projected a and g."""
+        collector = ctx.engine.new_collector()
         self.modules = []
         self._sample, self._scale = self._rows(ctx)
-        for t in collector.tracked:
-            w = t.module.weight
-            out, width = (w.shape[1], w.shape[0]) if t.transposed else (w.shape[0], w.shape[1])
+        fz = collector.factorised
+        for i, (t, view) in enumerate(zip(collector.tracked, collector.views)):
+            d_in, d_out = t.widths
+            out, width = (fz.layers[i].k_out, fz.layers[i].k_in) if fz else (d_out, d_in)
             inp = (width if t.weight is not None else 0) + (1 if t.bias is not None else 0)
-            self.modules.append(_Module(t, int(out), int(inp)))
-        offsets = ctx.engine.selection.offsets()
-        self.fallback = [offsets[n] for n in collector.fallback]
+            self.modules.append(_Module(view, int(out), int(inp)))
+        self.fallback = list(collector.fallback_slices(ctx.engine.dim))
         if self.fallback:
             if self.damping <= 0:
                 raise ValueError(f"Parameters {collector.fallback[:5]} are not in linear modules, "
@@ -173,15 +175,15 @@ class KFAC(Preconditioner):
                 losses = ctx.engine.task.per_row_loss(ctx.model, batch)
                 if not torch.isfinite(losses.detach()).all():
                     raise CurvatureError(f"A training loss is NaN/Inf while fitting {self.name}.")
-                layers = [m.tracked for m in self.modules]
+                layers = collector.tracked
                 outputs = [y for t in layers for (_, y) in t.calls]
                 grads = torch.autograd.grad(losses.sum(), outputs, allow_unused=True)
                 pos, calls = 0, {}
-                for t in layers:
+                for i, t in enumerate(layers):
                     pairs = []
                     for a, _ in t.calls:
                         if grads[pos] is not None:
-                            pairs.append((a, grads[pos]))
+                            pairs.append(collector.project_pair(i, a, grads[pos]))
                         pos += 1
                     calls[id(t.module)] = pairs
                 tap.observe(batch, rows, calls)
@@ -321,9 +323,9 @@ class EKFAC(KFAC):
         self.fitted = True
 
     def _correct_by_pass(self, ctx: CurvatureContext) -> None:
-        collector = GradientCollector(ctx.model, ctx.engine.selection, ctx.engine.dtype)
-        self.modules = [_Module(t, m.out, m.inp, m.qa, m.qs, m.eig)
-                        for t, m in zip(collector.tracked, self.modules)]
+        collector = ctx.engine.new_collector()
+        self.modules = [_Module(view, m.out, m.inp, m.qa, m.qs, m.eig)
+                        for view, m in zip(collector.views, self.modules)]
         tap = _EigenTap(self, ctx)
         self._passes(ctx, collector, tap, "EK-FAC eigenvalues")
         for m, eig in zip(self.modules, tap.corrected):

@@ -24,7 +24,8 @@ from ..logging import get_logger, progress
 from ..params import ParameterSelection, SelectionSpec
 from ..store import GradientStore
 from ..tasks import GROUP_COLUMN, AttributionTask, Batch, check_columns
-from .hooks import GradientCollector
+from .factorised import FactorisedProjector
+from .hooks import GradientCollector, find_tracked
 from .projection import RandomProjector
 from .taps import PassTap
 
@@ -40,7 +41,9 @@ class EngineConfig(ConfigMixin):
     Attributes:
         batch_size: Rows per forward/backward pass (does not change results).
         projection_dim: Project gradients to this many dimensions (None: keep all d).
-        projection_kind: ``"rademacher"`` or ``"gaussian"``.
+        projection_kind: ``"rademacher"`` or ``"gaussian"`` (dense and factorised).
+        factorised_dim: k per side of the factorised projection inside the hooks (see
+            :mod:`hf_ggda.gradients.factorised`); None: off. Excludes ``projection_dim``.
         seed: Projection seed.
         shard_rows: Target rows per store shard (shards hold whole groups).
         strict: Turn warnings (train mode, partial name matches) into errors.
@@ -51,6 +54,9 @@ class EngineConfig(ConfigMixin):
         default=None, metadata={"help": "Random projection dimension (None = no projection)."})
     projection_kind: str = field(default="rademacher",
                                  metadata={"help": "'rademacher' or 'gaussian'."})
+    factorised_dim: Optional[int] = field(default=None, metadata={
+        "help": "Factorised projection inside the hooks: k per side of every linear layer "
+                "(its k_out x k_in block; None = off)."})
     seed: int = field(default=0, metadata={"help": "Seed of the random projection."})
     shard_rows: int = field(default=512, metadata={"help": "Target rows per store shard."})
     strict: bool = field(default=False,
@@ -63,6 +69,10 @@ class EngineConfig(ConfigMixin):
             raise ValueError(f"shard_rows must be >= 1, got {self.shard_rows}.")
         if self.projection_dim is not None and self.projection_dim < 1:
             raise ValueError(f"projection_dim must be >= 1 or None, got {self.projection_dim}.")
+        if self.factorised_dim is not None and self.factorised_dim < 1:
+            raise ValueError(f"factorised_dim must be >= 1 or None, got {self.factorised_dim}.")
+        if self.factorised_dim is not None and self.projection_dim is not None:
+            raise ValueError("Use either projection_dim (dense) or factorised_dim, not both.")
         if self.projection_kind not in ("rademacher", "gaussian"):
             raise ValueError("projection_kind must be 'rademacher' or 'gaussian', got "
                              f"{self.projection_kind!r}.")
@@ -96,7 +106,8 @@ class GroupGradients:
         (``per_example_gradients(..., keep=False)``).
         """
         if "store" in self.extras:
-            store = GradientStore.open(self.extras["store"])
+            store = GradientStore.open(self.extras["store"],
+                                       expect_request=self.extras.get("request"))
             device = self.extras.get("device")
             for i, (g0, g1) in enumerate(store.manifest["shard_bounds"]):
                 yield [int(r) for r in self.group_ids[g0:g1]], store.read_shard(i).to(device)
@@ -187,11 +198,44 @@ class GradientEngine:
         if self.config.projection_dim is not None:
             self.projector = RandomProjector(self.selection.numel, self.config.projection_dim,
                                              self.config.projection_kind, self.config.seed)
+        self.factorised: Optional[FactorisedProjector] = None
+        if self.config.factorised_dim is not None:
+            tracked, fallback = find_tracked(model, self.selection)
+            named = dict(model.named_parameters())
+            layers = [(t.name, t.widths[0], t.widths[1], t.weight is not None,
+                       t.bias is not None) for t in tracked]
+            fb_dim = sum(named[n].numel() for n in fallback)
+            if fallback:
+                logger.warning("Factorised projection: %d selected tensors outside linear "
+                               "layers (%s...) are projected densely.", len(fallback),
+                               fallback[0])
+            self.factorised = FactorisedProjector(layers, fb_dim, self.config.factorised_dim,
+                                                  self.config.projection_kind,
+                                                  self.config.seed)
 
     @property
     def dim(self) -> int:
         """Columns of the gradient matrices (p if projected, else d)."""
+        if self.factorised is not None:
+            return self.factorised.dim_out
         return self.projector.dim_out if self.projector else self.selection.numel
+
+    @property
+    def collect_dim(self) -> int:
+        """Columns a pass accumulates before the last projection step (d; or the factorised
+        blocks plus the unprojected parameters outside linear layers)."""
+        return self.factorised.collect_dim if self.factorised is not None \
+            else self.selection.numel
+
+    def new_collector(self, taps: Sequence[PassTap] = ()) -> GradientCollector:
+        """A :class:`GradientCollector` in this engine's layout (factorised or not)."""
+        return GradientCollector(self.model, self.selection, self.dtype, taps, self.factorised)
+
+    def finish_block(self, out: torch.Tensor) -> torch.Tensor:
+        """The last projection step of a collected (N, collect_dim) block."""
+        if self.factorised is not None:
+            return self.factorised.finish(out)
+        return self.projector.project(out) if self.projector else out
 
     # -- public API ----------------------------------------------------------------------------
     def group_gradients(self, dataset: Dataset, group_column: str = GROUP_COLUMN,
@@ -246,7 +290,7 @@ class GradientEngine:
         """Rows per shard in point mode (groups per shard in group mode): ``shard_rows``,
         capped so a shard's unprojected (groups × d) block stays within 64 MB (a pass never
         holds more than one shard of full-size gradients beside the projected result)."""
-        cap = max(1, (64 << 20) // (self.selection.numel * self.dtype.itemsize))
+        cap = max(1, (64 << 20) // (self.collect_dim * self.dtype.itemsize))
         return max(1, min(self.config.shard_rows, cap))
 
     def sum_into_groups(self, points: GroupGradients, dataset: Dataset,
@@ -292,7 +336,8 @@ class GradientEngine:
             "model": hash_model(self.model, self.selection.names),
             "selection": hash_json(self.selection.to_dict()),
             "task": self.task.config_dict(),
-            "projection": self.projector.config_dict() if self.projector else None,
+            "projection": self.factorised.config_dict() if self.factorised is not None else
+            (self.projector.config_dict() if self.projector else None),
             "dataset": dataset._fingerprint,
             "grouping": grouping,
             "fn": fn_key(fn),
@@ -337,7 +382,7 @@ class GradientEngine:
         todo = [s for s in missing if s % world == rank]  # whole groups per process
         features = prepared.select_columns(
             [c for c in self.task.feature_columns if c in prepared.column_names])
-        collector = GradientCollector(self.model, self.selection, self.dtype, taps)
+        collector = self.new_collector(taps)
         bar = progress(total=int(sum(plan.ptr[plan.shards[i][1]] - plan.ptr[plan.shards[i][0]]
                                      for i in todo)),
                        desc="Per-example gradients" if per_example else "Group gradients",
@@ -361,12 +406,13 @@ class GradientEngine:
             if rank == 0:
                 store.mark_complete()
             barrier()
-            store = GradientStore.open(store.path)
+            request = store.request
+            store = GradientStore.open(store.path, expect_request=request)
             if not keep:
                 return GroupGradients(
                     torch.zeros(0, self.dim, dtype=self.dtype, device=self.device),
                     plan.group_ids, np.diff(plan.ptr), fp, fresh,
-                    {"store": str(store.path), "device": self.device})
+                    {"store": str(store.path), "device": self.device, "request": request})
             grads = store.load(self.device)
         else:
             grads = all_reduce_sum(grads)  # each group was computed by exactly one process
@@ -399,7 +445,7 @@ class GradientEngine:
                collector: GradientCollector, per_example: bool, bar: Any) -> torch.Tensor:
         g0, g1 = bounds
         r0, r1 = int(plan.ptr[g0]), int(plan.ptr[g1])
-        out = torch.zeros(g1 - g0, self.selection.numel, dtype=self.dtype, device=self.device)
+        out = torch.zeros(g1 - g0, self.collect_dim, dtype=self.dtype, device=self.device)
         bs = self.config.batch_size
         for start in range(r0, r1, bs):
             rows = plan.order[start:min(start + bs, r1)]
@@ -425,4 +471,4 @@ class GradientEngine:
                                  [int(r) for g in torch.nonzero(bad_rows).flatten()
                                   for r in plan.order[plan.ptr[g0 + int(g)]:
                                                       plan.ptr[g0 + int(g) + 1]]])
-        return self.projector.project(out) if self.projector else out
+        return self.finish_block(out)

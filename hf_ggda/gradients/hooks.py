@@ -25,6 +25,7 @@ from transformers.pytorch_utils import Conv1D
 from ..params import ParameterSelection
 
 if TYPE_CHECKING:
+    from .factorised import FactorisedProjector
     from .taps import PassTap
 
 
@@ -43,6 +44,37 @@ class TrackedLayer:
     weight: Optional[tuple[int, int]]  # slice in the flat vector
     bias: Optional[tuple[int, int]]
     calls: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    name: str = ""
+
+    @property
+    def widths(self) -> tuple[int, int]:
+        """(d_in, d_out) of the layer."""
+        w = self.module.weight
+        return (int(w.shape[0]), int(w.shape[1])) if self.transposed \
+            else (int(w.shape[1]), int(w.shape[0]))
+
+
+def find_tracked(model: torch.nn.Module,
+                 selection: ParameterSelection) -> tuple[list[TrackedLayer], list[str]]:
+    """The Linear / Conv1D layers holding selected weights or biases (their slices in the flat
+    gradient), and the names of the selected parameters outside them (fallback)."""
+    offsets = selection.offsets()
+    named = dict(model.named_parameters())
+    covered: set[str] = set()
+    tracked: list[TrackedLayer] = []
+    for mname, module in model.named_modules():
+        if not isinstance(module, (torch.nn.Linear, Conv1D)):
+            continue
+        w = f"{mname}.weight" if mname else "weight"
+        b = f"{mname}.bias" if mname else "bias"
+        w_sl = offsets.get(w) if named.get(w) is module.weight else None
+        b_sl = offsets.get(b) if module.bias is not None and named.get(b) is module.bias \
+            else None
+        if w_sl is None and b_sl is None:
+            continue
+        covered |= {n for n, sl in ((w, w_sl), (b, b_sl)) if sl is not None}
+        tracked.append(TrackedLayer(module, isinstance(module, Conv1D), w_sl, b_sl, name=mname))
+    return tracked, [n for n in selection.names if n not in covered]
 
 
 def segment_bounds(slots: torch.Tensor) -> list[tuple[int, int, int]]:
@@ -68,28 +100,28 @@ class GradientCollector:
     """
 
     def __init__(self, model: torch.nn.Module, selection: ParameterSelection,
-                 dtype: torch.dtype = torch.float32, taps: Sequence["PassTap"] = ()) -> None:
+                 dtype: torch.dtype = torch.float32, taps: Sequence["PassTap"] = (),
+                 factorised: Optional["FactorisedProjector"] = None) -> None:
         self.selection = selection
         self.dtype = dtype
-        self.dim = selection.numel
-        offsets = selection.offsets()
+        self.tracked, self.fallback = find_tracked(model, selection)
         named = dict(model.named_parameters())
-        covered: set[str] = set()
-        self.tracked: list[TrackedLayer] = []
-        for mname, module in model.named_modules():
-            if not isinstance(module, (torch.nn.Linear, Conv1D)):
-                continue
-            w = f"{mname}.weight" if mname else "weight"
-            b = f"{mname}.bias" if mname else "bias"
-            w_sl = offsets.get(w) if named.get(w) is module.weight else None
-            b_sl = offsets.get(b) if module.bias is not None and named.get(b) is module.bias \
-                else None
-            if w_sl is None and b_sl is None:
-                continue
-            covered |= {n for n, s in ((w, w_sl), (b, b_sl)) if s is not None}
-            self.tracked.append(TrackedLayer(module, isinstance(module, Conv1D), w_sl, b_sl))
-        self.fallback = [n for n in selection.names if n not in covered]
         self._fallback_params = [named[n] for n in self.fallback]
+        self.factorised = factorised
+        self.dim = selection.numel
+        self._fb_offsets = {n: selection.offsets()[n] for n in self.fallback}
+        #: The tracked layers as accumulated: their slices and layout in the output vector.
+        self.views = self.tracked
+        if factorised is not None:  # accumulate in the projected layout
+            if len(factorised.layers) != len(self.tracked):
+                raise ValueError("The factorised projection was built for other layers.")
+            self.views = [TrackedLayer(t.module, False, lp.weight, lp.bias, name=t.name)
+                           for t, lp in zip(self.tracked, factorised.layers)]
+            pos, self._fb_offsets = factorised.linear_dim, {}
+            for n, p in zip(self.fallback, self._fallback_params):
+                self._fb_offsets[n] = (pos, pos + p.numel())
+                pos += p.numel()
+            self.dim = factorised.collect_dim
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self.taps = list(taps)
         tracked_ids = {id(t.module) for t in self.tracked}
@@ -101,6 +133,20 @@ class GradientCollector:
                     seen.add(id(module))
                     self.watched.append(TrackedLayer(module, isinstance(module, Conv1D),
                                                      None, None))
+
+    def project_pair(self, index: int, a: torch.Tensor,
+                     g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tracked layer ``index``'s (input, output gradient) in the accumulated layout."""
+        if self.factorised is None:
+            return a, g
+        return self.factorised.layers[index].project(a.to(self.dtype), g.to(self.dtype))
+
+    def fallback_slices(self, dim: int) -> list[tuple[int, int]]:
+        """Slices of the parameters outside linear layers in the final (N, dim) vectors (one
+        slice for all of them when a factorised projection projects them densely)."""
+        if self.factorised is not None and self.factorised.fallback is not None:
+            return [(self.factorised.linear_dim, dim)]
+        return [self._fb_offsets[n] for n in self.fallback]
 
     # -- hook management -------------------------------------------------------------------
     def __enter__(self) -> "GradientCollector":
@@ -150,21 +196,29 @@ class GradientCollector:
         fb = self._fallback_params if not many else []
         grads = torch.autograd.grad(losses.sum(), outputs + fb, allow_unused=True,
                                     retain_graph=bool(self._fallback_params) and many)
-        pos, seen = 0, {}
-        for t in layers:
-            calls = []
+        pos, seen, projected = 0, {}, {}
+        for li, t in enumerate(layers):
+            calls, pcalls = [], []
             for a, _ in t.calls:
                 go = grads[pos]
                 pos += 1
-                if go is not None:
-                    calls.append((a, go))
-                    if t.weight is not None or t.bias is not None:
-                        self._linear_grads(t, a, go, segments, out, per_example)
+                if go is None:
+                    continue
+                calls.append((a, go))
+                if li >= len(self.tracked):
+                    continue
+                if self.factorised is not None:
+                    a, go = self.factorised.layers[li].project(a.to(self.dtype),
+                                                               go.to(self.dtype))
+                pcalls.append((a, go))
+                self._linear_grads(self.views[li], a, go, segments, out, per_example)
             seen[id(t.module)] = calls
+            projected[id(t.module)] = pcalls if li < len(self.tracked) else calls
         if self._fallback_params:
             self._fallback_grads(losses, grads[len(outputs):], segments, out)
         for tap in self.taps:
-            tap.observe(batch or {}, list(rows) if rows is not None else [], seen)
+            tap.observe(batch or {}, list(rows) if rows is not None else [],
+                        projected if tap.projected else seen)
 
     def _linear_grads(self, t: TrackedLayer, a: torch.Tensor, go: torch.Tensor,
                       segments: list[tuple[int, int, int]], out: torch.Tensor,
@@ -197,7 +251,7 @@ class GradientCollector:
 
     def _fallback_grads(self, losses: torch.Tensor, summed: tuple,
                         segments: list[tuple[int, int, int]], out: torch.Tensor) -> None:
-        offsets = self.selection.offsets()
+        offsets = self._fb_offsets
         if len(segments) == 1:
             grads = [g.unsqueeze(0) if g is not None else None for g in summed]
             slot_idx = [segments[0][0]]

@@ -91,7 +91,7 @@ def stream_group_gradients(engine: GradientEngine, dataset: IterableDataset | It
         dataset = split_dataset_by_node(dataset, rank=rank, world_size=world)
     sums: dict[Any, torch.Tensor] = {}
     sizes: dict[Any, int] = {}
-    collector = GradientCollector(engine.model, engine.selection, engine.dtype)
+    collector = engine.new_collector()
     bar = progress(desc="Group gradients (stream)", unit="row")
     seen = 0
     with engine.attribution_mode(), collector:
@@ -104,8 +104,7 @@ def stream_group_gradients(engine: GradientEngine, dataset: IterableDataset | It
         raise EmptyDatasetError("stream")
     ids = sorted(sums)
     grads = torch.stack([sums[g] for g in ids]).to(engine.device)
-    if engine.projector is not None:
-        grads = engine.projector.project(grads)
+    grads = engine.finish_block(grads)
     fingerprint = {"stream": True, "selection": engine.selection.how, "fn": fn_key(fn),
                    "task": engine.task.config_dict()}
     return GroupGradients(grads, ids, np.array([sizes[g] for g in ids]), fingerprint)
@@ -136,7 +135,7 @@ def _chunk(engine: GradientEngine, collector: GradientCollector, rows: list[dict
         bad = ~torch.isfinite(losses.detach())
         if bad.any():
             raise NonFiniteError("loss", [seen + idx[i] for i in torch.nonzero(bad).flatten()])
-        out = torch.zeros(len(local), engine.selection.numel, dtype=engine.dtype,
+        out = torch.zeros(len(local), engine.collect_dim, dtype=engine.dtype,
                           device=engine.device)
         slots = torch.tensor([slot_of[groups[i]] for i in idx])
         collector.backward(losses, slots, out, per_example=False)

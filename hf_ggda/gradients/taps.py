@@ -31,7 +31,15 @@ ProjectFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class PassTap(ABC):
-    """A statistic accumulated from the (input, output-gradient) pairs of a gradient pass."""
+    """A statistic accumulated from the (input, output-gradient) pairs of a gradient pass.
+
+    Attributes:
+        projected: Receive the tracked layers' pairs as the engine accumulates them (after a
+            factorised projection, when the engine has one); False: as the model computed
+            them. Watched modules always come as computed.
+    """
+
+    projected: bool = True
 
     def watch_modules(self) -> Sequence[torch.nn.Module]:
         """Modules beyond the tracked layers whose (a, g) pairs the tap needs (default: none)."""
@@ -69,6 +77,8 @@ class OutputFeatureTap(PassTap):
         sign: Multiplies the errors: −1 when the pass differentiates a function whose
             logit-gradient is minus the loss's (TRAK's Q·margin); K-means is unchanged by it.
     """
+
+    projected = False
 
     def __init__(self, head: torch.nn.Module, project: ProjectFn, num_rows: int,
                  sign: float = 1.0) -> None:
