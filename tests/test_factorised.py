@@ -178,3 +178,28 @@ def test_linearity_and_point_mode_on_factorised_vectors(config: dict) -> None:
     summed = torch.stack([points.matrix[:, [i for i, g in enumerate(data["group_id"])
                                            if g == k]].sum(1) for k in grouped.group_ids], 1)
     torch.testing.assert_close(grouped.matrix, summed, rtol=1e-7, atol=1e-10)
+
+
+def test_chunked_and_top_k_scoring_equal_the_full_matrix() -> None:
+    from hf_ggda.attributors import InfluenceConfig, InfluenceFunction
+
+    model, task, data, _ = _setup("bert", lora=True)
+    queries = toy_dataset(7, seed=11)
+    cfg = InfluenceConfig(preconditioner="kfac", damping=1e-3, batch_size=4, factorised_dim=2)
+    att = InfluenceFunction(model, task, cfg).fit(data)
+    full = att.score(queries).matrix
+    torch.testing.assert_close(att.score(queries, query_chunk=3).matrix, full, rtol=1e-12,
+                               atol=1e-12)
+    top = att.score(queries, top_k=2, query_chunk=2)
+    values, index = torch.topk(full, 2, dim=1)
+    torch.testing.assert_close(top.values, values, rtol=1e-12, atol=1e-12)
+    assert top.indices.tolist() == index.tolist()
+    cols = top.to_query_columns(queries)
+    assert cols["ggda_top_groups"][0] == [att.group_ids[int(i)] for i in index[0]]
+    # a memory budget sizes the chunks and gives the same numbers
+    budget = InfluenceFunction(model, task, InfluenceConfig(
+        preconditioner="kfac", damping=1e-3, batch_size=4, factorised_dim=2,
+        memory_budget=1 << 20)).fit(data)
+    torch.testing.assert_close(budget.score(queries).matrix, full, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="per-row queries"):
+        att.score(queries, aggregate="sum", top_k=2)

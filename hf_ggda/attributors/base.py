@@ -68,9 +68,14 @@ class AttributorConfig(ConfigMixin):
         selection: Parameters to attribute through ("auto", "peft", "trainable" or names /
             regular expressions).
         shard_rows: Target rows per gradient-store shard.
+        memory_budget: Bytes the gradient blocks may take beyond the model's forward+backward
+            (a store shard, a chunk of query gradients and their scores); None: shards of at
+            most 64 MB of unprojected vectors and all queries at once.
         factorised_dim: Project every tracked linear layer's gradient inside the hooks to a
             k × k block (k per side; :mod:`hf_ggda.gradients.factorised`); None: off. Makes
             full-layer and LLM-size attribution fit in memory (replaces a dense projection).
+        store_dtype: dtype of the vectors in a gradient store (``"float16"`` / ``"bfloat16"``
+            halve the disk; accumulation stays fp32); None: the accumulation dtype.
     """
 
     attributor_type: str = field(default="", metadata={"help": "Registered method name."})
@@ -78,8 +83,13 @@ class AttributorConfig(ConfigMixin):
     selection: Union[str, list[str]] = field(
         default="auto", metadata={"help": "'auto', 'peft', 'trainable' or parameter names."})
     shard_rows: int = field(default=512, metadata={"help": "Target rows per store shard."})
+    memory_budget: Optional[int] = field(default=None, metadata={
+        "help": "Bytes for gradient blocks beyond the model's own pass: sizes store shards "
+                "and query chunks (None: 64 MB shards, all queries at once)."})
     factorised_dim: Optional[int] = field(default=None, metadata={
         "help": "Factorised projection: k per side of every linear layer (None = off)."})
+    store_dtype: Optional[str] = field(default=None, metadata={
+        "help": "Store vectors as 'float16' or 'bfloat16' (None: the accumulation dtype)."})
 
     def __post_init__(self) -> None:
         expected = type(self).__dataclass_fields__["attributor_type"].default
@@ -90,8 +100,12 @@ class AttributorConfig(ConfigMixin):
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}.")
         if self.shard_rows < 1:
             raise ValueError(f"shard_rows must be >= 1, got {self.shard_rows}.")
+        if self.memory_budget is not None and self.memory_budget < 1 << 20:
+            raise ValueError(f"memory_budget must be at least 1 MB (bytes), got "
+                             f"{self.memory_budget}.")
         if self.factorised_dim is not None and self.factorised_dim < 1:
             raise ValueError(f"factorised_dim must be >= 1 or None, got {self.factorised_dim}.")
+        EngineConfig(store_dtype=self.store_dtype)  # validates it
         if not isinstance(self.selection, (str, list, tuple)) or not self.selection:
             raise ValueError(f"selection must be a non-empty string or list, got "
                              f"{self.selection!r}.")
@@ -203,7 +217,9 @@ class Attributor(ABC):
     def engine_config(self, component: Component) -> EngineConfig:
         """Engine settings for one component (default: no projection)."""
         return EngineConfig(batch_size=self.config.batch_size, shard_rows=self.config.shard_rows,
-                            factorised_dim=self.config.factorised_dim)
+                            factorised_dim=self.config.factorised_dim,
+                            memory_budget=self.config.memory_budget,
+                            store_dtype=self.config.store_dtype)
 
     def train_fn(self) -> RowFn:
         """The per-row training function whose group gradients are v(G) (default: loss)."""
@@ -453,7 +469,8 @@ class Attributor(ABC):
 
     def score(self, query_dataset: Dataset, aggregate: Optional[str] = None,
               query_group_column: Optional[str] = None,
-              self_influence: bool = False) -> GroupScores:
+              self_influence: bool = False, top_k: Optional[int] = None,
+              query_chunk: Optional[int] = None) -> Any:
         """Score every fitted group for the queries.
 
         Args:
@@ -463,21 +480,35 @@ class Attributor(ABC):
             query_group_column: Score query groups (sums of their rows' measurements) instead
                 of rows; one gradient pass, no per-row query gradients.
             self_influence: Attach :meth:`self_scores` to the result.
+            top_k: Keep only each query's ``top_k`` best groups
+                (:class:`~hf_ggda.top_groups.TopGroupScores`, no m × K matrix); per-row
+                queries only.
+            query_chunk: Query rows whose gradients are computed and scored at a time (None:
+                sized by ``config.memory_budget``, else all at once). Chunked query gradients
+                are not cached for :meth:`refine` (pass ``query_dataset=`` there).
 
         Returns:
-            (m × K) :class:`~hf_ggda.scores.GroupScores`.
+            (m × K) :class:`~hf_ggda.scores.GroupScores`, or the top-k groups per query.
 
         Raises:
             NotFittedError: :meth:`fit` was not called.
-            ValueError: Bad ``aggregate`` or both ``aggregate`` and ``query_group_column``.
+            ValueError: Bad ``aggregate``, both ``aggregate`` and ``query_group_column``, or
+                ``top_k`` / ``query_chunk`` < 1 or with aggregated queries.
             MissingColumnError: ``query_group_column`` is absent.
         """
+        from .scoring import chunk_rows, score_in_chunks
+
         state = self._require_fit()
         if aggregate not in (None, "sum"):
             raise ValueError(f"aggregate must be None or 'sum', got {aggregate!r}.")
         if aggregate and query_group_column:
             raise ValueError("Pass either aggregate='sum' or query_group_column, not both.")
         mode = "sum" if aggregate else ("groups" if query_group_column else "rows")
+        chunk = chunk_rows(self, len(query_dataset), query_chunk)
+        if (top_k is not None or chunk < len(query_dataset)) and mode != "rows":
+            raise ValueError("top_k and query chunks apply to per-row queries only.")
+        if top_k is not None or chunk < len(query_dataset):
+            return score_in_chunks(self, query_dataset, chunk, top_k)
         vectors, ids, fps = self._query_vectors(query_dataset, mode, query_group_column)
         matrix = self._combine(vectors, [p.train for p in state.parts])
         key = hash_json([fps, mode, query_group_column])

@@ -151,6 +151,7 @@ class InfluenceFunction(Attributor):
         return EngineConfig(batch_size=cfg.batch_size, shard_rows=cfg.shard_rows,
                             projection_dim=cfg.projection_dim,
                             factorised_dim=cfg.factorised_dim,
+                            memory_budget=cfg.memory_budget, store_dtype=cfg.store_dtype,
                             projection_kind=cfg.projection_kind, seed=cfg.seed)
 
     def _cache(self, store: Optional[Path]) -> Optional[Path]:

@@ -188,6 +188,7 @@ class TRAK(Attributor):
         return EngineConfig(batch_size=cfg.batch_size, shard_rows=cfg.shard_rows,
                             projection_dim=None if cfg.factorised_dim else cfg.projection_dim,
                             factorised_dim=cfg.factorised_dim,
+                            memory_budget=cfg.memory_budget, store_dtype=cfg.store_dtype,
                             projection_kind=cfg.projection_kind, seed=component.seed)
 
     # -- output functions ----------------------------------------------------------------------

@@ -42,6 +42,10 @@ class EngineConfig(ConfigMixin):
         batch_size: Rows per forward/backward pass (does not change results).
         projection_dim: Project gradients to this many dimensions (None: keep all d).
         projection_kind: ``"rademacher"`` or ``"gaussian"`` (dense and factorised).
+        memory_budget: Bytes the pass's gradient blocks may use; a quarter of it bounds one
+            shard's unprojected (groups × d) block (None: 64 MB).
+        store_dtype: dtype of the vectors kept in a store (``"float16"`` / ``"bfloat16"``
+            halve it; read back into the accumulation dtype); None: the accumulation dtype.
         factorised_dim: k per side of the factorised projection inside the hooks (see
             :mod:`hf_ggda.gradients.factorised`); None: off. Excludes ``projection_dim``.
         seed: Projection seed.
@@ -57,6 +61,10 @@ class EngineConfig(ConfigMixin):
     factorised_dim: Optional[int] = field(default=None, metadata={
         "help": "Factorised projection inside the hooks: k per side of every linear layer "
                 "(its k_out x k_in block; None = off)."})
+    memory_budget: Optional[int] = field(default=None, metadata={
+        "help": "Bytes for one shard's gradient block (None: 64 MB of unprojected vectors)."})
+    store_dtype: Optional[str] = field(default=None, metadata={
+        "help": "Keep store shards as 'float16' or 'bfloat16' (accumulation stays fp32)."})
     seed: int = field(default=0, metadata={"help": "Seed of the random projection."})
     shard_rows: int = field(default=512, metadata={"help": "Target rows per store shard."})
     strict: bool = field(default=False,
@@ -73,6 +81,9 @@ class EngineConfig(ConfigMixin):
             raise ValueError(f"factorised_dim must be >= 1 or None, got {self.factorised_dim}.")
         if self.factorised_dim is not None and self.projection_dim is not None:
             raise ValueError("Use either projection_dim (dense) or factorised_dim, not both.")
+        if self.store_dtype not in (None, "float16", "bfloat16", "float32", "float64"):
+            raise ValueError("store_dtype must be None, 'float16', 'bfloat16', 'float32' or "
+                             f"'float64', got {self.store_dtype!r}.")
         if self.projection_kind not in ("rademacher", "gaussian"):
             raise ValueError("projection_kind must be 'rademacher' or 'gaussian', got "
                              f"{self.projection_kind!r}.")
@@ -106,11 +117,11 @@ class GroupGradients:
         (``per_example_gradients(..., keep=False)``).
         """
         if "store" in self.extras:
-            store = GradientStore.open(self.extras["store"],
-                                       expect_request=self.extras.get("request"))
+            store = self.extras["store"]
             device = self.extras.get("device")
             for i, (g0, g1) in enumerate(store.manifest["shard_bounds"]):
-                yield [int(r) for r in self.group_ids[g0:g1]], store.read_shard(i).to(device)
+                yield ([int(r) for r in self.group_ids[g0:g1]],
+                       store.read_shard(i).to(device=device, dtype=self.gradients.dtype))
             return
         for start in range(0, len(self.group_ids), rows):
             yield ([int(r) for r in self.group_ids[start:start + rows]],
@@ -221,6 +232,11 @@ class GradientEngine:
         return self.projector.dim_out if self.projector else self.selection.numel
 
     @property
+    def store_dtype(self) -> torch.dtype:
+        """dtype of stored vectors (``config.store_dtype``, else the accumulation dtype)."""
+        return getattr(torch, self.config.store_dtype) if self.config.store_dtype else self.dtype
+
+    @property
     def collect_dim(self) -> int:
         """Columns a pass accumulates before the last projection step (d; or the factorised
         blocks plus the unprojected parameters outside linear layers)."""
@@ -290,8 +306,11 @@ class GradientEngine:
         """Rows per shard in point mode (groups per shard in group mode): ``shard_rows``,
         capped so a shard's unprojected (groups × d) block stays within 64 MB (a pass never
         holds more than one shard of full-size gradients beside the projected result)."""
-        cap = max(1, (64 << 20) // (self.collect_dim * self.dtype.itemsize))
-        return max(1, min(self.config.shard_rows, cap))
+        budget = self.config.memory_budget // 4 if self.config.memory_budget else 64 << 20
+        cap = max(1, budget // (self.collect_dim * self.dtype.itemsize))
+        rows = max(1, min(self.config.shard_rows, cap))
+        bs = self.config.batch_size
+        return rows if rows < bs else rows // bs * bs  # whole batches: no short batches
 
     def sum_into_groups(self, points: GroupGradients, dataset: Dataset,
                         group_column: str = GROUP_COLUMN, fn: RowFn = "loss") -> GroupGradients:
@@ -406,14 +425,15 @@ class GradientEngine:
             if rank == 0:
                 store.mark_complete()
             barrier()
-            request = store.request
+            request, writer = store.request, store
             store = GradientStore.open(store.path, expect_request=request)
+            store.adopt_verified(writer)
             if not keep:
                 return GroupGradients(
                     torch.zeros(0, self.dim, dtype=self.dtype, device=self.device),
                     plan.group_ids, np.diff(plan.ptr), fp, fresh,
-                    {"store": str(store.path), "device": self.device, "request": request})
-            grads = store.load(self.device)
+                    {"store": store, "device": self.device})
+            grads = store.load(self.device).to(self.dtype)
         else:
             grads = all_reduce_sum(grads)  # each group was computed by exactly one process
         return GroupGradients(grads, plan.group_ids, np.diff(plan.ptr), fp, fresh)
@@ -425,14 +445,14 @@ class GradientEngine:
             return None
         # every process runs the same read-only check first, so a mismatch raises everywhere
         store = GradientStore.create(store_path, fp, plan.group_ids, plan.shards, self.dim,
-                                     self.dtype, overwrite=overwrite, write=False)
+                                     self.store_dtype, overwrite=overwrite, write=False)
         if rank == 0:
             store = GradientStore.create(store_path, fp, plan.group_ids, plan.shards, self.dim,
-                                         self.dtype, overwrite=overwrite)
+                                         self.store_dtype, overwrite=overwrite)
         barrier()
         if rank != 0:
             store = GradientStore.create(store_path, fp, plan.group_ids, plan.shards, self.dim,
-                                         self.dtype, overwrite=False, write=False)
+                                         self.store_dtype, overwrite=False, write=False)
         return store
 
     def collate_rows(self, features: Dataset, rows: Sequence[int]) -> Batch:
