@@ -3,21 +3,27 @@
 Every subcommand reads local models and datasets (``save_to_disk`` folders or
 json/jsonl/csv/parquet files), takes its options from the config dataclasses (``--help`` lists
 each with its meaning), accepts ``--config FILE.json`` for the same options, and writes a
-dataset folder with the score columns plus the scores. Errors print one line, no traceback,
-and exit with status 2.
+dataset folder with the score columns plus the scores. Errors print one line
+(``hf-ggda: error: ...``), no traceback, and exit with status 2; ``hf-ggda --debug ...``
+prints the traceback too. Inputs are checked before any computation: options (types, ranges,
+unknown keys of ``--config``), output folders (not a file, never one of the inputs), and the
+data against the model (labels vs the head, token ids vs the embeddings).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Iterable, NoReturn, Optional, Sequence
 
-from .config import ConfigMixin
-from .errors import GGDAError
+from .config import CLASS_KEY, ConfigMixin, check_known_keys, read_json_options
+from .errors import (DataFileError, GGDAError, MissingColumnError, ModelLoadError,
+                     OutputPathError)
 
 
 @dataclass
@@ -55,12 +61,37 @@ class TaskArgs(ConfigMixin):
                          f"{self.task_type!r}.")
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one ``hf-ggda: error: ...`` line (exit 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print one error line naming the --help of this (sub)command and exit 2."""
+        sys.stderr.write(f"hf-ggda: error: {message} (see `{self.prog} --help`)\n")
+        raise SystemExit(2)
+
+
+def _int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse ``type`` for integers >= ``low`` (checked before any computation)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
 def _add_io(p: argparse.ArgumentParser, queries: bool) -> None:
     p.add_argument("--model", required=True,
                    help="Local model folder (transformers format), or 'minilm' for the "
                         "packaged MiniLM-L6.")
     p.add_argument("--adapter", default=None, help="PEFT adapter folder to attach.")
-    p.add_argument("--num-labels", type=int, default=None,
+    p.add_argument("--num-labels", type=_int_at_least(1), default=None,
                    help="Classes of a new classification head (when the model has none).")
     p.add_argument("--train", required=True,
                    help="Training data: save_to_disk folder or .json/.jsonl/.csv/.parquet.")
@@ -80,14 +111,17 @@ def _build_parser() -> argparse.ArgumentParser:
     from .attributors import ATTRIBUTOR_TYPE_TO_CONFIG_MAPPING
     from .grouping import GROUPERS
 
-    parser = argparse.ArgumentParser(prog="hf-ggda", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="hf-ggda", description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true",
+                        help="On an error, print the full traceback as well.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="Run the main job on the packaged MiniLM-L6 + BBC News.")
     demo.add_argument("--output", default="outputs/demo", help="Output folder.")
     demo.add_argument("--quick", action="store_true", help="A small, fast run (tests).")
-    demo.add_argument("--num-groups", type=int, default=32, help="K, the number of groups.")
+    demo.add_argument("--num-groups", type=_int_at_least(1), default=32,
+                      help="K, the number of groups.")
     demo.add_argument("--seed", type=int, default=0, help="Seed of data split and training.")
 
     group = sub.add_parser("group", help="Add a group_id column (Dataset.map groupers).")
@@ -100,7 +134,7 @@ def _build_parser() -> argparse.ArgumentParser:
         if name in ("kmeans-repr", "grad-kmeans"):
             g.add_argument("--model", required=True, help="Model folder.")
             g.add_argument("--adapter", default=None, help="PEFT adapter folder.")
-            g.add_argument("--num-labels", type=int, default=None,
+            g.add_argument("--num-labels", type=_int_at_least(1), default=None,
                            help="Classes of a new head.")
             TaskArgs.add_arguments(g)
         cls.config_class.add_arguments(g, prefix="g_")
@@ -110,8 +144,9 @@ def _build_parser() -> argparse.ArgumentParser:
     for name, cfg in sorted(ATTRIBUTOR_TYPE_TO_CONFIG_MAPPING.items()):
         m = methods.add_parser(name, help=(cfg.__doc__ or "").strip().splitlines()[0])
         _add_io(m, queries=True)
-        m.add_argument("--top-k", type=int, default=5, help="Top groups per query column.")
-        m.add_argument("--drill-down", type=int, default=0,
+        m.add_argument("--top-k", type=_int_at_least(1), default=5,
+                       help="Top groups per query column.")
+        m.add_argument("--drill-down", type=_int_at_least(0), default=0,
                        help="Re-score the rows of this many top groups at point level.")
         cfg.add_arguments(m, prefix="m_", exclude=("attributor_type",))
 
@@ -151,50 +186,145 @@ def _add_prune_and_card(sub: Any) -> None:
                       help="A Hub dataset card or model card.")
     card.add_argument("--text-column", default="text", help="Column shown as example rows.")
     card.add_argument("--label-column", default="label", help="Label column (if any).")
-    card.add_argument("--top-k", type=int, default=5, help="Most helpful / harmful groups shown.")
+    card.add_argument("--top-k", type=_int_at_least(1), default=5,
+                      help="Most helpful / harmful groups shown.")
     card.add_argument("--license", default=None, help="License in the card metadata.")
 
 
-def _file_options(path: Optional[str]) -> dict[str, Any]:
+def _file_options(path: Optional[str], classes: Iterable[type]) -> dict[str, Any]:
+    """Read a --config file and refuse keys none of ``classes`` has.
+
+    Raises:
+        FileNotFoundError: No such file.
+        ConfigError: Bad JSON, not an object, or an unknown key (the closest valid one named).
+    """
     if path is None:
         return {}
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"No config file at {path!r}.")
-    return json.loads(p.read_text())
+    data = read_json_options(path)
+    check_known_keys(data, classes, where=f"options in --config {path!r}", extra=(CLASS_KEY,))
+    data.pop(CLASS_KEY, None)
+    return data
 
 
-def _load(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+def _check_outputs(outputs: Sequence[Path], inputs: Sequence[Optional[str]]) -> None:
+    """Refuse output paths that are (or lie under) files, or whose writing would replace an
+    input (e.g. re-scoring a run in place: ``--train run/train --output run``).
+
+    Raises:
+        OutputPathError: With the fix (another output folder).
+    """
+    for out in outputs:
+        for parent in [out, *out.parents]:
+            if parent.exists() and not parent.is_dir():
+                where = "is" if parent == out else f"lies under {str(parent)!r}, which is"
+                raise OutputPathError(f"The output path {str(out)!r} {where} a file, not a "
+                                      "folder; pass a new path or an existing folder.")
+        target = Path(os.path.abspath(out))
+        for given in inputs:
+            if given is None or given == "minilm":
+                continue
+            source = Path(os.path.abspath(given))
+            if source == target or target in source.parents:
+                raise OutputPathError(
+                    f"Writing {str(out)!r} would replace the input {given!r} while it is "
+                    "read (re-scoring a run in place?); pass another --output folder.")
+
+
+def _raised_here(err: BaseException) -> bool:
+    """Whether ``err`` was raised by hf_ggda's own code (its message is already ours)."""
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    here = str(Path(__file__).resolve().parent)
+    return tb is not None and str(Path(tb.tb_frame.f_code.co_filename).resolve()).startswith(here)
+
+
+def _cause(err: BaseException) -> str:
+    inner = err.__cause__ or err.__context__ or err
+    return f"{type(inner).__name__}: {' '.join(str(inner).split())}"
+
+
+def _read_data(spec: str, option: str) -> Any:
+    """Load a dataset for an option; a library's failure becomes one typed error.
+
+    Raises:
+        FileNotFoundError: No such path.
+        DataFileError: The file or folder cannot be read as a dataset.
+    """
+    from .integrations.io import load_local_dataset
+
+    try:
+        return load_local_dataset(spec)
+    except Exception as err:  # noqa: BLE001 - datasets / pyarrow raise many kinds
+        if isinstance(err, (GGDAError, FileNotFoundError)) or _raised_here(err):
+            raise
+        raise DataFileError(f"Cannot read {option} {spec!r} as a dataset ({_cause(err)}). "
+                            "Pass a folder written by Dataset.save_to_disk or a well-formed "
+                            ".json/.jsonl/.csv/.parquet file with a header / one object per "
+                            "line.") from err
+
+
+def _validate(task: Any, model: Any, *datasets: Any) -> None:
+    """Check the data against the model (labels vs head, ids vs embeddings) before any pass."""
+    for data in datasets:
+        task.validate(task.prepare(data), model)
+
+
+def _load(args: argparse.Namespace, base: dict[str, Any]) -> tuple[Any, Any]:
+    """Load the model, its tokenizer and the task.
+
+    Raises:
+        FileNotFoundError: No model / adapter folder.
+        ModelLoadError: transformers / peft cannot load the folder.
+        ConfigError: Bad task options.
+    """
     from .integrations.io import load_local_model
 
-    base = _file_options(getattr(args, "config", None))
     targs = TaskArgs.from_args(args, base)
     path = args.model
     if path == "minilm":
         from .data import minilm_path
 
         path = minilm_path()
-    model, tokenizer = load_local_model(path, targs.task_type, args.adapter, args.num_labels)
-    return model, targs.build(tokenizer), base
+    try:
+        model, tokenizer = load_local_model(path, targs.task_type, args.adapter,
+                                            args.num_labels)
+    except Exception as err:  # noqa: BLE001 - transformers / peft raise many kinds
+        if isinstance(err, (GGDAError, FileNotFoundError)) or _raised_here(err):
+            raise
+        raise ModelLoadError(
+            f"Cannot load the model {args.model!r}"
+            f"{f' with the adapter {args.adapter!r}' if args.adapter else ''} ({_cause(err)}). "
+            "Pass a folder written by save_pretrained (config.json, weights and tokenizer "
+            "files), check --task-type, and --num-labels against the saved head."
+        ) from err
+    return model, targs.build(tokenizer)
 
 
 def _attribute(args: argparse.Namespace, with_queries: bool) -> None:
     from .attributors import ATTRIBUTOR_TYPE_TO_CONFIG_MAPPING, get_attributor
     from .integrations.distributed import barrier, rank_and_world
-    from .integrations.io import load_local_dataset
     from .logging import get_logger
 
-    model, task, base = _load(args)
     cfg_cls = ATTRIBUTOR_TYPE_TO_CONFIG_MAPPING[args.method]
+    base = _file_options(args.config, [TaskArgs, cfg_cls])
     config = cfg_cls.from_args(args, {"attributor_type": args.method, **base}, prefix="m_")
-    train = load_local_dataset(args.train)
+    out = Path(args.output)
+    written = [out / "train", out / "scores", out / "queries", out / "ggda_config.json"]
+    query_path = args.queries if with_queries else None
+    _check_outputs(written, [args.train, query_path, args.store, args.model, args.adapter,
+                             args.config])
+    model, task = _load(args, base)
+    train = _read_data(args.train, "--train")
+    queries = _read_data(args.queries, "--queries") if with_queries else None
+    if args.group_column not in train.column_names:
+        raise MissingColumnError(args.group_column, train.column_names, role="group column")
+    _validate(task, model, train, *([queries] if with_queries else []))
     attributor = get_attributor(model, task, config)
     attributor.fit(train, group_column=args.group_column, store=args.store,
                    overwrite=args.overwrite)
-    out = Path(args.output)
     rank, _ = rank_and_world()
     if with_queries:
-        queries = load_local_dataset(args.queries)
         scores = attributor.score(queries, self_influence=False)
         if args.drill_down:
             scores = attributor.refine(scores, top_k=args.drill_down, query_dataset=queries)
@@ -218,15 +348,18 @@ def _attribute(args: argparse.Namespace, with_queries: bool) -> None:
 def _group(args: argparse.Namespace) -> None:
     from .grouping import GROUPERS, get_grouper
     from .integrations.distributed import barrier, rank_and_world
-    from .integrations.io import load_local_dataset
 
-    data = load_local_dataset(args.data)
+    config_class = GROUPERS[args.grouper].config_class
+    with_model = bool(getattr(args, "model", None))
+    base = _file_options(args.config, [config_class] + ([TaskArgs] if with_model else []))
+    config = config_class.from_args(args, base, prefix="g_")
+    _check_outputs([Path(args.output)], [args.data, getattr(args, "model", None),
+                                         getattr(args, "adapter", None), args.config])
+    data = _read_data(args.data, "--data")
     model = task = None
-    if getattr(args, "model", None):
-        model, task, base = _load(args)
-    else:
-        base = _file_options(args.config)
-    config = GROUPERS[args.grouper].config_class.from_args(args, base, prefix="g_")
+    if with_model:
+        model, task = _load(args, base)
+        _validate(task, model, data)
     grouper = get_grouper(args.grouper, config=config)
     grouped = grouper.assign(data, model=model, task=task)
     if rank_and_world()[0] == 0:
@@ -240,14 +373,13 @@ def _group(args: argparse.Namespace) -> None:
 
 
 def _load_run(run: str) -> tuple[Any, Any]:
-    from .integrations.io import load_local_dataset
     from .scores import GroupScores
 
     folder = Path(run)
     if not (folder / "scores").is_dir():
         raise FileNotFoundError(f"No scores/ folder in {run!r}: pass the --output folder of "
                                 "`hf-ggda attribute` or `hf-ggda self-influence`.")
-    return load_local_dataset(str(folder / "train")), \
+    return _read_data(str(folder / "train"), "--run train/"), \
         GroupScores.from_pretrained(folder / "scores")
 
 
@@ -256,9 +388,10 @@ def _prune(args: argparse.Namespace) -> None:
     from .pruning import prune_dataset
     from .store import atomic_write_bytes
 
+    out = Path(args.output)
+    _check_outputs([out / "kept", out / "dropped", out / "pruning.json"], [args.run])
     train, scores = _load_run(args.run)
     res = prune_dataset(train, scores, args.fraction, args.rank, args.balance_column)
-    out = Path(args.output)
     save_dataset_atomic(res.kept, out / "kept")
     save_dataset_atomic(res.dropped, out / "dropped")
     report = {"fraction": args.fraction, "rank": args.rank,
@@ -272,29 +405,41 @@ def _prune(args: argparse.Namespace) -> None:
 
 def _card(args: argparse.Namespace) -> None:
     from .integrations.cards import write_attribution_card
-    from .integrations.io import load_local_dataset
 
+    _check_outputs([Path(args.output) / "README.md"], [args.run])
     train, scores = _load_run(args.run)
     queries = Path(args.run) / "queries"
     readme = write_attribution_card(
         args.output, scores, train, model_name=args.model_name, pretty_name=args.pretty_name,
         card_type=args.card_type, text_column=args.text_column,
         label_column=args.label_column, top_k=args.top_k, license=args.license,
-        query_dataset=load_local_dataset(str(queries)) if queries.is_dir() else None)
+        query_dataset=_read_data(str(queries), "--run queries/") if queries.is_dir() else None)
     print(f"Wrote {readme} and its plots.")
+
+
+def _one_line(err: BaseException) -> str:
+    """The error as one line; errors of unexpected types say so and point at --debug."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    if isinstance(err, (GGDAError, ValueError, OSError, KeyError, FloatingPointError,
+                        RuntimeError)):
+        return text
+    return (f"unexpected {type(err).__name__}: {text} (run `hf-ggda --debug ...` for the "
+            "traceback and report it)")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``hf-ggda``.
 
     Returns:
-        0 on success, 2 on a user error (message printed, no traceback).
+        0 on success, 2 on an error (one ``hf-ggda: error: ...`` line, no traceback unless
+        ``--debug``), 130 when interrupted.
     """
     args = _build_parser().parse_args(argv)
     try:
         if args.command == "demo":
             from .demo import run_demo
 
+            _check_outputs([Path(args.output)], [])
             run_demo(args.output, quick=args.quick, num_groups=args.num_groups,
                      seed=args.seed)
         elif args.command == "group":
@@ -305,9 +450,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             _card(args)
         else:
             _attribute(args, with_queries=args.command == "attribute")
-    except (GGDAError, ValueError, RuntimeError, FileNotFoundError, FloatingPointError,
-            KeyError) as err:  # GGDAError: the store's OSError kinds (path is a file...)
-        print(f"hf-ggda: error: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("hf-ggda: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - the CLI's contract: one line, exit 2
+        if args.debug:
+            traceback.print_exc()
+        print(f"hf-ggda: error: {_one_line(err)}", file=sys.stderr)
         return 2
     return 0
 

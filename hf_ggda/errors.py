@@ -137,3 +137,57 @@ class StoreChangedError(GGDAError, RuntimeError):
 
 class TokenizationMismatchError(GGDAError, ValueError):
     """Query and train data were prepared differently."""
+
+
+class ConfigError(GGDAError, ValueError):
+    """A config cannot be used as given: an unknown (mistyped) key, a non-finite number, a
+    config file that is not valid JSON or holds another config class."""
+
+
+class ConfigTypeError(ConfigError, TypeError):
+    """A config field got a value of the wrong type (a string for an int, a list for a str...)."""
+
+
+class DatasetTypeError(GGDAError, TypeError):
+    """Something other than one ``datasets.Dataset`` split was passed where one is needed (a
+    ``DatasetDict``, an ``IterableDataset``, a pandas frame...)."""
+
+
+class NullValueError(GGDAError, ValueError):
+    """A text or label column holds None / null values."""
+
+
+class LabelError(GGDAError, ValueError):
+    """Labels do not fit the task or the model's head (out of range, negative, -100 on a
+    classifier, float labels on a classifier, class ids for a 1-output head...)."""
+
+
+class ModelInputError(GGDAError, ValueError):
+    """Prepared inputs do not fit the model: token ids beyond its embedding table (tokenizer
+    and model do not match), or rows longer than its position embeddings."""
+
+
+class ModelStateError(GGDAError, RuntimeError):
+    """The model cannot be run as it is (e.g. its weights are on the ``meta`` device)."""
+
+
+class ScoresFileError(GGDAError, ValueError):
+    """A saved ``GroupScores`` folder cannot be trusted: bad JSON, an unknown format version,
+    fields that fail the schema, or lengths that do not match the saved matrix."""
+
+
+class CheckpointManifestError(GGDAError, ValueError):
+    """A checkpoint list read back (``ggda_checkpoints.json``, ``trainer_state.json``) cannot be
+    trusted: bad JSON, fields that fail the schema, or a path that leaves its folder."""
+
+
+class OutputPathError(GGDAError, ValueError):
+    """An output path cannot be used: it is a file, or writing it would overwrite an input."""
+
+
+class DataFileError(GGDAError, ValueError):
+    """A data file or folder given on the command line cannot be read as a dataset."""
+
+
+class ModelLoadError(GGDAError, ValueError):
+    """A model (or adapter) folder given on the command line cannot be loaded."""

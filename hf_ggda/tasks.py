@@ -18,6 +18,8 @@ from datasets.fingerprint import Hasher
 from .errors import ColumnTypeError, EmptyDatasetError, MissingColumnError
 from .fingerprint import hash_json
 from .logging import get_logger
+from .validation import (check_class_ids, check_inputs_fit_model, check_labels_fit_head,
+                         check_model_ready, check_no_nulls, ensure_dataset)
 
 logger = get_logger(__name__)
 
@@ -32,7 +34,7 @@ Batch = dict[str, torch.Tensor]
 
 
 def check_columns(dataset: Dataset, columns: Sequence[str], what: str = "dataset") -> None:
-    """Raise a clear error if ``dataset`` is empty or lacks one of ``columns``.
+    """Raise a clear error if ``dataset`` is not one split, is empty or lacks one of ``columns``.
 
     Args:
         dataset: The dataset to check.
@@ -40,9 +42,12 @@ def check_columns(dataset: Dataset, columns: Sequence[str], what: str = "dataset
         what: How to call the dataset in messages.
 
     Raises:
+        DatasetTypeError: ``dataset`` is a ``DatasetDict``, an ``IterableDataset`` or not a
+            ``Dataset`` at all.
         EmptyDatasetError: The dataset has no rows.
         MissingColumnError: A column is absent.
     """
+    ensure_dataset(dataset, what)
     for col in columns:
         if col not in dataset.column_names:
             raise MissingColumnError(col, dataset.column_names)
@@ -104,8 +109,12 @@ class AttributionTask(ABC):
             A dataset with ``feature_columns`` plus any passthrough columns.
 
         Raises:
+            DatasetTypeError: Not one ``Dataset`` split (a ``DatasetDict``, a streamed
+                ``IterableDataset``...).
             EmptyDatasetError: No rows.
             MissingColumnError: A needed column is absent.
+            NullValueError: A text or label column holds None (ready-made tasks).
+            LabelError: Labels no loss can use (ready-made tasks).
         """
 
     @abstractmethod
@@ -133,6 +142,31 @@ class AttributionTask(ABC):
         self, model: torch.nn.Module, batch: Batch
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (error, features): d loss / d logits and the head's input, per row/token."""
+
+    def check_model(self, model: torch.nn.Module) -> None:
+        """Check that ``model`` can be run at all (its weights are loaded).
+
+        Raises:
+            ModelStateError: Weights on the ``meta`` device.
+        """
+        check_model_ready(model)
+
+    def validate(self, prepared: Dataset, model: torch.nn.Module) -> None:
+        """Check prepared rows against the model before any pass (call it right after
+        :meth:`prepare`): the model's weights are loaded, token ids fit its embeddings and
+        rows fit its position embeddings; subclasses add their label checks.
+
+        Args:
+            prepared: The output of :meth:`prepare`.
+            model: The model the pass will run.
+
+        Raises:
+            ModelStateError: Weights on the ``meta`` device.
+            ModelInputError: Token ids or row lengths the model cannot embed.
+            LabelError: Labels that do not fit the model's head (subclasses).
+        """
+        self.check_model(model)
+        check_inputs_fit_model(prepared, model)
 
     def model_inputs(self, batch: Batch) -> Batch:
         """Return the entries of ``batch`` that the model's forward takes."""
@@ -211,6 +245,10 @@ class _TokenizerTask(AttributionTask):
 class SequenceClassificationTask(_TokenizerTask):
     """Text (or text-pair) classification or regression with a ``*ForSequenceClassification``.
 
+    Every row's loss counts: negative labels (the ignore index -100 included) and null or
+    non-finite labels are refused by :meth:`prepare`, and :meth:`validate` checks the labels
+    against the model's head (class ids 0..K-1 for K outputs, floats for one output).
+
     Args:
         tokenizer: A Hugging Face tokenizer.
         text_column: Column with the text.
@@ -251,6 +289,8 @@ class SequenceClassificationTask(_TokenizerTask):
                 f"{dataset.features[self.label_column]}. Encode labels with "
                 "`dataset.class_encode_column(...)`."
             )
+        check_no_nulls(dataset, cols)
+        check_class_ids(dataset, self.label_column)
         tok, text, pair, label = self.tokenizer, self.text_column, self.text_pair_column, \
             self.label_column
         max_length = self.max_length
@@ -263,6 +303,19 @@ class SequenceClassificationTask(_TokenizerTask):
             return enc
 
         return self._map(dataset, fn)
+
+    def validate(self, prepared: Dataset, model: torch.nn.Module) -> None:
+        """As :meth:`AttributionTask.validate`, plus the labels against the model's head:
+        class ids 0..K-1 for a K-output classifier, float targets for a 1-output
+        (regression) head.
+
+        Raises:
+            ModelStateError: Weights on the ``meta`` device.
+            ModelInputError: Token ids or row lengths the model cannot embed.
+            LabelError: Labels of the wrong kind or range for the head.
+        """
+        super().validate(prepared, model)
+        check_labels_fit_head(prepared, model)
 
     def collate(self, columns: Mapping[str, list[Any]]) -> Batch:
         batch = self._pad(columns)
@@ -340,6 +393,7 @@ class CausalLMTask(_TokenizerTask):
         check_columns(dataset, cols)
         for c in cols:
             self._check_text(dataset, c)
+        check_no_nulls(dataset, cols)
         tok, max_length = self.tokenizer, self.max_length
         prompt, response, text = self.prompt_column, self.response_column, self.text_column
         eos = tok.eos_token or ""

@@ -5,19 +5,27 @@ A checkpoint is a PEFT adapter folder (``adapter_model.safetensors``, as written
 folder (``model.safetensors``), a ``.safetensors`` / ``.bin`` / ``.pt`` file, or an in-memory
 state dict. Learning rates can be read from a ``Trainer`` output folder: the ``learning_rate``
 logged in ``trainer_state.json`` at (or last before) each ``checkpoint-N`` step.
+
+Files read back here (``trainer_state.json``, and the checkpoint paths recorded in
+``ggda_checkpoints.json`` through :func:`confined_path`) are untrusted input: bad JSON or
+non-finite learning rates raise :class:`~hf_ggda.errors.CheckpointManifestError`, and a
+recorded path that is absolute or leaves its folder (``../x``) is refused.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
+import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Iterator, Mapping, Optional, Union
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any, Iterator, Mapping, Optional, Union
 
 import torch
 
+from ..errors import CheckpointManifestError
 from ..logging import get_logger
 
 logger = get_logger(__name__)
@@ -132,6 +140,62 @@ class Checkpoint:
                              f"keys {unexpected[:5]}.")
 
 
+def confined_path(root: str | os.PathLike[str], recorded: Any, source: str) -> Path:
+    """Return ``root / recorded`` for a path recorded in a file, refusing one that leaves
+    ``root``.
+
+    The check is lexical (the recorded text is what is untrusted): absolute paths (POSIX or
+    Windows, drive letters included), ``..`` components that climb above ``root``, and
+    non-strings are refused. Symbolic links placed inside ``root`` by its owner are followed
+    as usual.
+
+    Args:
+        root: The folder the path must stay in (e.g. a Trainer's output_dir).
+        recorded: The path as read from the file.
+        source: The file it was read from (for the message).
+
+    Returns:
+        The joined path.
+
+    Raises:
+        CheckpointManifestError: ``recorded`` is not a non-empty string, is absolute, or
+            escapes ``root``.
+    """
+    fix = (f"Restore {source} from the run that wrote it (checkpoint paths are written "
+           "relative to the Trainer's output_dir, e.g. 'checkpoint-500'), or pass the "
+           "checkpoints to TracInConfig(checkpoints=[...]) yourself.")
+    if not isinstance(recorded, str) or not recorded.strip() or "\x00" in recorded:
+        raise CheckpointManifestError(f"Checkpoint path {recorded!r} in {source} is not a "
+                                      f"path. {fix}")
+    win = PureWindowsPath(recorded)
+    if PurePosixPath(recorded).is_absolute() or win.is_absolute() or win.drive:
+        raise CheckpointManifestError(f"Checkpoint path {recorded!r} in {source} is absolute; "
+                                      f"only paths inside {str(root)!r} are followed. {fix}")
+    parts = PurePosixPath(recorded.replace("\\", "/")).parts
+    depth = 0
+    for part in parts:
+        depth += -1 if part == ".." else (0 if part == "." else 1)
+        if depth < 0:
+            raise CheckpointManifestError(
+                f"Checkpoint path {recorded!r} in {source} leaves its folder {str(root)!r} "
+                f"('..'); only paths inside it are followed. {fix}")
+    return Path(root) / recorded
+
+
+def _read_state(path: Path) -> dict[str, Any]:
+    """Read a ``trainer_state.json`` (untrusted): a JSON object or a typed error."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as err:
+        raise CheckpointManifestError(
+            f"{str(path)!r} is not valid JSON ({err}). Restore it from the Trainer run, or "
+            "pass checkpoints and learning_rates to TracInConfig yourself.") from None
+    if not isinstance(data, dict):
+        raise CheckpointManifestError(f"{str(path)!r} holds a JSON {type(data).__name__}, not "
+                                      "the Trainer's state object; restore it from the run.")
+    return data
+
+
 def _step_of(path: Path) -> int:
     match = re.fullmatch(r"checkpoint-(\d+)", path.name)
     return int(match.group(1)) if match else -1
@@ -140,10 +204,23 @@ def _step_of(path: Path) -> int:
 def _log_history(paths: list[Path]) -> list[dict]:
     entries: dict[int, dict] = {}
     for p in paths:
-        if p.exists():
-            for e in json.loads(p.read_text()).get("log_history", []):
-                if "learning_rate" in e and "step" in e:
-                    entries[int(e["step"])] = e
+        if not p.is_file():
+            continue
+        history = _read_state(p).get("log_history", [])
+        if not isinstance(history, list):
+            raise CheckpointManifestError(f"'log_history' in {str(p)!r} is not a list; "
+                                          "restore the file from the Trainer run.")
+        for e in history:
+            if isinstance(e, dict) and "learning_rate" in e and "step" in e:
+                step, rate = e["step"], e["learning_rate"]
+                if isinstance(step, bool) or not isinstance(step, int) or \
+                        isinstance(rate, bool) or not isinstance(rate, (int, float)) or \
+                        not math.isfinite(rate):
+                    raise CheckpointManifestError(
+                        f"A log_history entry of {str(p)!r} has step {step!r} and learning_rate "
+                        f"{rate!r}: expected an integer step and a finite rate. Restore the "
+                        "file, or pass learning_rates to TracInConfig yourself.")
+                entries[step] = e
     return [entries[s] for s in sorted(entries)]
 
 
@@ -176,6 +253,8 @@ def trainer_checkpoints(output_dir: str | Path) -> tuple[list[Path], list[float]
     Raises:
         FileNotFoundError: No ``checkpoint-N`` folders.
         ValueError: No ``learning_rate`` was logged in any ``trainer_state.json``.
+        CheckpointManifestError: A ``trainer_state.json`` is not valid JSON or logs a
+            non-finite learning rate.
     """
     root = Path(output_dir)
     dirs = sorted((p for p in root.glob("checkpoint-*") if p.is_dir() and _step_of(p) >= 0),
@@ -200,10 +279,17 @@ def learning_rate_of_checkpoint(path: str | Path) -> Optional[float]:
 
     Returns:
         The learning rate, or None when the folder has no usable ``trainer_state.json``.
+
+    Raises:
+        CheckpointManifestError: The file is not valid JSON, its ``global_step`` is not an
+            integer, or it logs a non-finite learning rate.
     """
     p = Path(path)
     state_file = p / TRAINER_STATE
-    if not state_file.exists():
+    if not state_file.is_file():
         return None
-    step = json.loads(state_file.read_text()).get("global_step", _step_of(p))
-    return learning_rate_at(_log_history([state_file]), int(step))
+    step = _read_state(state_file).get("global_step", _step_of(p))
+    if isinstance(step, bool) or not isinstance(step, int):
+        raise CheckpointManifestError(f"global_step {step!r} in {str(state_file)!r} is not an "
+                                      "integer; restore the file from the Trainer run.")
+    return learning_rate_at(_log_history([state_file]), step)

@@ -248,6 +248,8 @@ class Grouper(ABC):
             EmptyDatasetError: The dataset has no rows.
             MissingColumnError: A column the config names is absent.
             GroupingError: K < 1, K > n, nulls in a group/label column, a class too small.
+            ModelStateError: A model grouper got a model with weights on the ``meta`` device.
+            LabelError: Labels that do not fit the model's head (model groupers).
             ValueError: A model grouper got no model or task; ``features`` given to a grouper
                 that does not take them, or with the wrong number of rows.
         """
@@ -267,6 +269,7 @@ class Grouper(ABC):
             self._pass_features = features
         elif self.uses_model:
             assert model is not None and task is not None
+            task.check_model(model)  # weights on the meta device: refused before hashing them
             params = getattr(self.config, "hash_params", "all")
             context = {"model": model_weights_hash(model, params), "task": task.fingerprint()}
         try:

@@ -263,6 +263,7 @@ class _ModelKMeansGrouper(_KMeansGrouper):
         assert model is not None and task is not None
         cfg = self.config
         prepared = task.prepare(dataset)
+        task.validate(prepared, model)  # labels vs head, ids vs embeddings: before any pass
         columns = [c for c in task.feature_columns if c in prepared.column_names]
         parallel = (cfg.num_proc or 1) > 1
         fn = model_feature_fn(model, task, columns, self._compute(task), parallel)

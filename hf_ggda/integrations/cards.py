@@ -7,6 +7,14 @@ writes README.md plus PNG plots beside it: the score distribution, the top/botto
 optional evaluation curves (e.g. noisy-label detection or pruning). Plots are drawn with
 matplotlib's Agg canvas (no pyplot, no global backend change). Every file is written
 atomically, the README last.
+
+Everything that comes from data or from files read back (group ids, model and column names,
+example rows, labels, the method name, the sign convention, curve names, the configuration)
+is escaped before it enters the Markdown: as text (HTML special characters as entities,
+Markdown punctuation backslash-escaped, so no link, image, HTML tag or table break can be
+injected), as a code span whose delimiter is longer than any backtick run inside it, or in
+a code fence longer than any backtick run of the JSON. Plot labels have ``$`` escaped (no
+mathtext).
 """
 
 from __future__ import annotations
@@ -170,11 +178,73 @@ def _slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_") or "curve"
 
 
-def _cell(value: Any, max_chars: int) -> str:
+_MD_SPECIALS = "\\`*_[]|!#~$"
+_HTML = {"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;"}
+
+
+def _one_line(value: Any, max_chars: Optional[int] = None) -> str:
     text = " ".join(str(value).split())
-    if len(text) > max_chars:
+    if max_chars is not None and len(text) > max_chars:
         text = text[: max_chars - 1] + "…"
-    return text.replace("|", "\\|").replace("<", "&lt;")
+    return text
+
+
+def md_text(value: Any, max_chars: Optional[int] = None) -> str:
+    """Escape a value for Markdown text (also inside a table cell): one line, HTML special
+    characters as entities, Markdown punctuation backslash-escaped.
+
+    Args:
+        value: Any value (``str()`` of it is used).
+        max_chars: Truncate to this many characters (with an ellipsis).
+
+    Returns:
+        Text that renders as itself: no link, image, emphasis, HTML tag or cell break.
+    """
+    out = []
+    for ch in _one_line(value, max_chars):
+        out.append("\\" + ch if ch in _MD_SPECIALS else _HTML.get(ch, ch))
+    return "".join(out)
+
+
+def md_code(value: Any, table: bool = False, max_chars: Optional[int] = 200) -> str:
+    """Render a value as one Markdown code span, delimiters included.
+
+    The delimiter is one backtick longer than the longest backtick run in the value, so the
+    value cannot close the span; code spans show HTML literally. In a table cell ``|`` is
+    escaped as GFM requires.
+
+    Args:
+        value: Any value (``str()`` of it is used).
+        table: The span sits in a table cell.
+        max_chars: Truncate to this many characters.
+
+    Returns:
+        The code span.
+    """
+    text = _one_line(value, max_chars)
+    if not text:
+        return "(empty)"
+    if table:
+        text = text.replace("|", "\\|")
+    run = max((len(m) for m in re.findall(r"`+", text)), default=0)
+    delim = "`" * (run + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{delim}{pad}{text}{pad}{delim}"
+
+
+def _fence(text: str) -> str:
+    """A code fence longer than any backtick run in ``text``."""
+    run = max((len(m) for m in re.findall(r"`+", text)), default=0)
+    return "`" * max(3, run + 1)
+
+
+def _plot_text(value: Any) -> str:
+    """A plot label that matplotlib shows as itself (``$`` would start mathtext)."""
+    return _one_line(value, 80).replace("$", "\\$")
+
+
+def _cell(value: Any, max_chars: int) -> str:
+    return md_text(value, max_chars)
 
 
 def _fmt(value: float) -> str:
@@ -269,22 +339,23 @@ def build_attribution_card(scores: GroupScores, train_dataset: Dataset, *,
     bottom = [(g, v) for g, v in scores.top_k(None, k, largest=False) if g not in chosen]
 
     def describe(pairs: list[tuple[Any, float]]) -> list[dict[str, Any]]:
-        return [{"id": g, "score": _fmt(v), "size": len(rows.get(g, [])),
+        return [{"id": md_code(g), "score": _fmt(v), "size": len(rows.get(g, [])),
                  "examples": _examples(train_dataset, rows.get(g, []), text_column,
                                        label_column, examples_per_group, max_chars)}
                 for g, v in pairs]
 
-    images = {HISTOGRAM_FILE: histogram_png(totals, f"{method}: K = {scores.num_groups} groups")}
+    images = {HISTOGRAM_FILE: histogram_png(
+        totals, f"{_plot_text(method)}: K = {scores.num_groups} groups")}
     picked = top + bottom[::-1]
     images[BAR_CHART_FILE] = bar_chart_png(
-        [f"group {g} (n={len(rows.get(g, []))})" for g, _ in picked], [v for _, v in picked],
-        f"Most helpful and most harmful of {scores.num_groups} groups")
+        [f"group {_plot_text(g)} (n={len(rows.get(g, []))})" for g, _ in picked],
+        [v for _, v in picked], f"Most helpful and most harmful of {scores.num_groups} groups")
     curve_items = []
     for name, spec in (curves or {}).items():
         curve = spec if isinstance(spec, Curve) else Curve(spec[0], spec[1])
         file = f"curve_{_slug(name)}.png"
-        images[file] = curve_png(name, curve)
-        curve_items.append({"name": name, "file": file})
+        images[file] = curve_png(_plot_text(name), curve)
+        curve_items.append({"name": md_text(name, 200), "file": file})
     name, adapter = _model_info(model, model_name)
     projection = cfg.get("projection_dim")
     fingerprints = {
@@ -301,24 +372,30 @@ def build_attribution_card(scores: GroupScores, train_dataset: Dataset, *,
     tags = ["data-attribution", "ggda", f"ggda-{method}"]
     data_cls = DatasetCardData if card_type == "dataset" else ModelCardData
     card_data = data_cls(license=license, tags=tags, ggda=meta)
+    config_json = json.dumps(cfg, indent=1, default=str, sort_keys=True)
     context = dict(
-        pretty_name=pretty_name or f"GGDA attribution ({method}) of {name}",
-        method=method, version=__version__, num_groups=scores.num_groups,
-        num_queries=scores.num_queries, query_mode=scores.query_mode, model_name=name,
-        adapter=adapter, selection=_cell(cfg.get("selection_resolved", cfg.get("selection",
-                                                                              "unknown")), 200),
-        num_rows=len(train_dataset), group_column=column, size_min=int(sizes.min()),
-        size_max=int(sizes.max()), size_median=_fmt(float(np.median(sizes))),
-        grouping=grouping or f"by column `{column}`",
-        projection=f"{cfg.get('projection_kind', 'random')} to {projection} dimensions"
+        pretty_name=md_text(pretty_name or f"GGDA attribution ({method}) of {name}", 300),
+        method=md_text(method, 100), version=__version__, num_groups=scores.num_groups,
+        num_queries=scores.num_queries, query_mode=scores.query_mode,
+        model_name=md_code(name, table=True), adapter=md_text(adapter, 300),
+        selection=_cell(cfg.get("selection_resolved", cfg.get("selection", "unknown")), 200),
+        num_rows=len(train_dataset), group_column=md_code(column, table=True),
+        size_min=int(sizes.min()), size_max=int(sizes.max()),
+        size_median=_fmt(float(np.median(sizes))),
+        grouping=md_text(grouping, 300) if grouping else
+        f"by column {md_code(column, table=True)}",
+        projection=f"{md_text(cfg.get('projection_kind', 'random'), 40)} to "
+        f"{md_text(projection, 20)} dimensions"
         if projection else "none (exact gradient dot products)",
-        fingerprints=fingerprints, sign_convention=scores.sign_convention,
-        config_json=json.dumps(cfg, indent=1, default=str, sort_keys=True),
+        fingerprints={k: md_code(v, table=True) for k, v in fingerprints.items()},
+        sign_convention=md_text(scores.sign_convention, 300),
+        config_json=config_json, config_fence=_fence(config_json),
         histogram_file=HISTOGRAM_FILE, bar_chart_file=BAR_CHART_FILE,
         top_groups=describe(top), bottom_groups=describe(bottom), curves=curve_items,
         limits=list(DEFAULT_LIMITS) + list(limits))
     if projection:
-        context["limits"].append(f"Gradients were randomly projected to {projection} "
+        context["limits"].append(f"Gradients were randomly projected to "
+                                 f"{md_text(projection, 20)} "
                                  "dimensions; this adds noise that shrinks as the dimension "
                                  "grows.")
     card_cls = DatasetCard if card_type == "dataset" else ModelCard
@@ -362,4 +439,5 @@ def write_attribution_card(output_dir: str | os.PathLike[str], scores: GroupScor
 
 
 __all__ = ["Curve", "build_attribution_card", "default_template_path", "write_attribution_card",
-           "histogram_png", "bar_chart_png", "curve_png", "DEFAULT_LIMITS"]
+           "histogram_png", "bar_chart_png", "curve_png", "md_code", "md_text",
+           "DEFAULT_LIMITS"]

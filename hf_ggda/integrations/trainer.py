@@ -29,8 +29,8 @@ from datasets import Dataset
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from ..attributors import AttributorConfig, TracInConfig, get_attributor, get_attributor_config
-from ..attributors.checkpoints import learning_rate_at
-from ..errors import MissingColumnError
+from ..attributors.checkpoints import confined_path, learning_rate_at
+from ..errors import CheckpointManifestError, MissingColumnError
 from ..grouping import Grouper
 from ..logging import get_logger
 from ..scores import GroupScores
@@ -73,7 +73,8 @@ class CheckpointRecord:
 
 
 def read_checkpoint_manifest(output_dir: str | Path) -> list[CheckpointRecord]:
-    """Read ``ggda_checkpoints.json`` of a Trainer output folder.
+    """Read ``ggda_checkpoints.json`` of a Trainer output folder (untrusted input: validated
+    against the schema of format version 1; recorded paths must stay inside ``output_dir``).
 
     Args:
         output_dir: The Trainer's output_dir.
@@ -83,18 +84,60 @@ def read_checkpoint_manifest(output_dir: str | Path) -> list[CheckpointRecord]:
 
     Raises:
         FileNotFoundError: No manifest there.
-        ValueError: The manifest cannot be parsed.
+        CheckpointManifestError: (a ``ValueError``) The manifest is not valid JSON, has an
+            unknown format version, fails the schema, or records a path that is absolute or
+            leaves ``output_dir``.
     """
     path = Path(output_dir) / MANIFEST_NAME
-    if not path.exists():
+    if not path.is_file():
         raise FileNotFoundError(f"No {MANIFEST_NAME} in {str(output_dir)!r}: train with "
                                 "GGDACallback in the Trainer's callbacks.")
+    fix = ("Restore it from the training run, delete it to start a new manifest, or pass "
+           "checkpoints and learning_rates to TracInConfig yourself.")
     try:
-        data = json.loads(path.read_text())
-        records = [CheckpointRecord(**r) for r in data["checkpoints"]]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise ValueError(f"{path} is not a valid {MANIFEST_NAME} ({err}).") from err
-    return sorted(records, key=lambda r: r.step)
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as err:
+        raise CheckpointManifestError(f"{path} is not a valid {MANIFEST_NAME} ({err}). "
+                                      f"{fix}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("checkpoints"), list):
+        raise CheckpointManifestError(f"{path} is not a valid {MANIFEST_NAME}: expected an "
+                                      f"object with a 'checkpoints' list. {fix}")
+    version = data.get("format_version")
+    if isinstance(version, bool) or version != MANIFEST_VERSION:
+        raise CheckpointManifestError(
+            f"{path} has format_version {version!r}; this hf_ggda reads version "
+            f"{MANIFEST_VERSION}. Upgrade hf_ggda, or {fix[0].lower()}{fix[1:]}")
+    return sorted((_record(r, output_dir, path, fix) for r in data["checkpoints"]),
+                  key=lambda r: r.step)
+
+
+def _record(raw: Any, root: str | Path, source: Path, fix: str) -> CheckpointRecord:
+    """One validated manifest record."""
+    names = {f for f in CheckpointRecord.__dataclass_fields__}
+    if not isinstance(raw, dict) or set(raw) != names:
+        got = sorted(raw) if isinstance(raw, dict) else type(raw).__name__
+        raise CheckpointManifestError(f"{source} is not a valid {MANIFEST_NAME}: a checkpoint "
+                                      f"record must have the fields {sorted(names)}, got "
+                                      f"{got}. {fix}")
+
+    def number(value: Any, nullable: bool) -> bool:
+        if value is None:
+            return nullable
+        return not isinstance(value, bool) and isinstance(value, (int, float)) and \
+            math.isfinite(value)
+
+    checks = {"step": isinstance(raw["step"], int) and not isinstance(raw["step"], bool)
+              and raw["step"] >= 0,
+              "learning_rate": number(raw["learning_rate"], True),
+              "learning_rate_source": isinstance(raw["learning_rate_source"], str),
+              "epoch": number(raw["epoch"], True), "adapter": isinstance(raw["adapter"], bool)}
+    bad = [f"{k}={raw[k]!r}" for k, ok in checks.items() if not ok]
+    if bad:
+        raise CheckpointManifestError(f"{source} is not a valid {MANIFEST_NAME}: bad values "
+                                      f"{bad} (steps are integers >= 0, rates and epochs "
+                                      f"finite numbers or null). {fix}")
+    confined_path(root, raw["path"], str(source))
+    return CheckpointRecord(**raw)
 
 
 def tracin_config_from_manifest(output_dir: str | Path, **overrides: Any) -> TracInConfig:
@@ -110,11 +153,13 @@ def tracin_config_from_manifest(output_dir: str | Path, **overrides: Any) -> Tra
     Raises:
         FileNotFoundError: No manifest, or a recorded folder was deleted.
         ValueError: A recorded learning rate is missing or the manifest is empty.
+        CheckpointManifestError: As :func:`read_checkpoint_manifest`.
     """
     records = read_checkpoint_manifest(output_dir)
     if not records:
         raise ValueError(f"The manifest in {str(output_dir)!r} lists no checkpoints.")
-    paths = [Path(output_dir) / r.path for r in records]
+    source = str(Path(output_dir) / MANIFEST_NAME)
+    paths = [confined_path(output_dir, r.path, source) for r in records]
     gone = [str(p) for p in paths if not p.is_dir()]
     if gone:
         raise FileNotFoundError(f"Recorded checkpoints were deleted: {gone}.")
