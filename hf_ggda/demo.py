@@ -62,10 +62,11 @@ def run_demo(output: str = "outputs/demo", quick: bool = False, num_groups: int 
     # equal-size groups within each class: no singleton or giant cluster dominates the ranking
     grouper = get_grouper("grad-kmeans", num_groups=num_groups, per_class=True, balanced=True,
                           seed=seed)
-    train = grouper.assign(train, model=model, task=task)
     attributor = InfluenceFunction(model, task, InfluenceConfig(preconditioner="identity",
                                                                 batch_size=32))
-    attributor.fit(train)
+    # one pass: the grouping features come from the attribution pass's own output gradients
+    attributor.fit(train, grouper=grouper)
+    train = attributor.train_dataset
     scores = attributor.score(val, self_influence=True)
     out = Path(output)
     scored = scores.to_dataset_columns(train)

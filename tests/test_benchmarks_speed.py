@@ -30,11 +30,17 @@ def _load(name: str, path: Path):
 
 def test_end_to_end_quick_run():
     module = _load("ggda_speed", SPEED)
-    methods = ["tracin", "if-ekfac", "trak"]
+    methods = ["tracin", "if-ekfac", "trak", "trak-seed1"]
     e2e = module.run_end_to_end(rows=32, queries=4, batch_size=16, k=8, methods=methods)
     assert e2e["floor_s"] > 0 and e2e["k"] == 8 and e2e["queries"] == 4
     assert set(e2e["methods"]) == set(methods)
+    # a shortcut runs with the one-pass grouping only and is compared with its exact method
+    seeds = e2e["agreement"]["trak-seed1 vs trak (grad-kmeans-1pass)"]
+    assert -1 <= seeds["pearson"] <= 1 and set(e2e["methods"]["trak-seed1"]) == {
+        "checkpoints", "grad-kmeans-1pass"}
     for name, row in e2e["methods"].items():
+        if name == "trak-seed1":
+            continue
         groupings = ("grad-kmeans-1pass", "grad-kmeans-2pass", "random")
         assert row["speedup"] == row["point"]["s"] / min(row[g]["s"] for g in groupings)
         for g in groupings + ("point",):

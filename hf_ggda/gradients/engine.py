@@ -279,9 +279,9 @@ class GradientEngine:
             NonFiniteError: A loss or gradient is NaN/Inf (names the rows).
             StoreMismatchError: ``store`` was made for another request.
         """
+        check_columns(dataset, [])  # one split with rows, before naming its columns
         if group_column not in dataset.column_names:
             raise MissingColumnError(group_column, dataset.column_names, role="group column")
-        check_columns(dataset, [group_column])
         plan = plan_groups(dataset[group_column], self.config.shard_rows,
                            self.point_shard_rows())
         return self._run(dataset, plan, store, overwrite, fn, per_example=False,
@@ -395,6 +395,7 @@ class GradientEngine:
              taps: Sequence[PassTap] = (), keep: bool = True) -> GroupGradients:
         rank, world = rank_and_world()
         prepared = self.task.prepare(dataset)
+        self.task.validate(prepared, self.model)  # labels vs the head, device: before any pass
         fp = self.fingerprint(dataset, grouping, fn)
         store = self._open_store(store_path, fp, plan, overwrite, rank)
         missing = store.missing_shards() if store else list(range(len(plan.shards)))

@@ -191,7 +191,8 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=64,
                         help="Query rows of the end-to-end comparison.")
     parser.add_argument("--methods", nargs="*", default=["tracin", "if-identity", "if-ekfac",
-                                                         "if-ekfac-128", "trak"],
+                                                         "trak", "if-ekfac-128",
+                                                         "if-identity-f16", "trak-seed1"],
                         help="Methods of the end-to-end comparison (empty: skip it).")
     parser.add_argument("--no-passes", action="store_true",
                         help="Skip the floor / group / point pass ratios (and --processes).")
