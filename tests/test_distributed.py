@@ -34,6 +34,14 @@ def _scores(model, task) -> dict:
         attributor = InfluenceFunction(model, task, InfluenceConfig(
             preconditioner=name, batch_size=4, **extra)).fit(grouped(N_ROWS))
         out[name] = attributor.score(queries).matrix
+    # factorised vectors, Grad-K-Means inside the pass, EK-FAC from the kept per-row vectors:
+    # the features, factors and eigenvalues are each summed over the processes' rows
+    from hf_ggda.grouping import GradKMeansGrouper
+
+    one_pass = InfluenceFunction(model, task, InfluenceConfig(
+        preconditioner="ekfac", damping=1e-3, batch_size=4, factorised_dim=2)).fit(
+        toy_dataset(N_ROWS, seed=3), grouper=GradKMeansGrouper(num_groups=5, seed=0))
+    out["ekfac-factorised-one-pass"] = one_pass.score(queries).matrix
     return out
 
 

@@ -203,3 +203,27 @@ def test_chunked_and_top_k_scoring_equal_the_full_matrix() -> None:
     torch.testing.assert_close(budget.score(queries).matrix, full, rtol=1e-10, atol=1e-12)
     with pytest.raises(ValueError, match="per-row queries"):
         att.score(queries, aggregate="sum", top_k=2)
+
+
+def test_factorised_store_resumes_bit_identically_and_is_fingerprinted(tmp_path) -> None:
+    model, task, data, _ = _setup("bert", lora=True)
+    cfg = EngineConfig(batch_size=4, shard_rows=3, factorised_dim=2)
+    full = GradientEngine(model, task, config=cfg).group_gradients(
+        data, store=str(tmp_path / "a"))
+    partial = GradientEngine(model, task, config=cfg)
+    partial.group_gradients(data, store=str(tmp_path / "b"))
+    shards = sorted((tmp_path / "b" / "shards").glob("*.safetensors"))
+    shards[-1].unlink()  # as if killed before the last shard
+    resumed = GradientEngine(model, task, config=cfg).group_gradients(
+        data, store=str(tmp_path / "b"))
+    assert not resumed.fresh
+    assert torch.equal(resumed.gradients, full.gradients)
+    for a, b in zip(sorted((tmp_path / "a" / "shards").glob("*.safetensors")),
+                    sorted((tmp_path / "b" / "shards").glob("*.safetensors"))):
+        assert a.read_bytes() == b.read_bytes()
+    from hf_ggda.errors import StoreMismatchError
+
+    other_seed = EngineConfig(batch_size=4, shard_rows=3, factorised_dim=2, seed=1)
+    with pytest.raises(StoreMismatchError):
+        GradientEngine(model, task, config=other_seed).group_gradients(
+            data, store=str(tmp_path / "a"))
