@@ -98,11 +98,14 @@ def test_query_aggregation_is_linear(setup: dict[str, Any]) -> None:
     _close(grouped.matrix, torch.stack([per_row.matrix[[0, 2]].sum(0), per_row.matrix[1]]))
 
 
-def test_cosine_scores_are_bounded(setup: dict[str, Any]) -> None:
-    attributor = _influence(setup, "identity", cosine=True).fit(setup["train"], "group_id")
+def test_cosine_is_per_row_normalisation_bounded_by_group_sizes(setup: dict[str, Any]) -> None:
+    with pytest.warns(FutureWarning, match="normalize='unit'"):
+        attributor = _influence(setup, "identity", cosine=True)
+    attributor.fit(setup["train"], "group_id")
     scores = attributor.score(setup["query"])
-    assert scores.matrix.abs().max() <= 1 + 1e-12
-    _close(attributor.self_scores(), torch.ones(5, dtype=torch.float64))
+    sizes = torch.as_tensor(attributor.group_sizes, dtype=torch.float64)
+    assert bool((scores.matrix.abs() <= sizes[None, :] + 1e-12).all())  # Σ of cosines
+    assert bool((attributor.self_scores() <= sizes ** 2 + 1e-12).all())  # ‖Σ unit rows‖²
 
 
 def test_errors_before_fit_and_bad_arguments(setup: dict[str, Any]) -> None:
@@ -134,7 +137,7 @@ def test_errors_before_fit_and_bad_arguments(setup: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize("kwargs, match", [
     ({"preconditioner": "newton"}, "preconditioner"),
-    ({"preconditioner": "kfac", "cosine": True}, "identity"),
+    ({"preconditioner": "kfac", "normalize": "cosine"}, "normalize must be"),
     ({"preconditioner": "ekfac", "projection_dim": 8}, "identity"),
     ({"preconditioner": "datainf"}, "damping"),
     ({"damping": -1.0}, "damping"),

@@ -47,6 +47,8 @@ from ..params import ParameterSelection
 from ..scores import GroupScores
 from ..tasks import GROUP_COLUMN, ROW_COLUMN, AttributionTask
 from .checkpoints import Checkpoint
+from ..curvature.mix import CurvatureData, resolve_curvature_dataset
+from .normalise import check_normalize, normalise_rows, row_weights
 
 if TYPE_CHECKING:
     from ..grouping.base import Grouper
@@ -76,6 +78,9 @@ class AttributorConfig(ConfigMixin):
             full-layer and LLM-size attribution fit in memory (replaces a dense projection).
         store_dtype: dtype of the vectors in a gradient store (``"float16"`` / ``"bfloat16"``
             halve the disk; accumulation stays fp32); None: the accumulation dtype.
+        normalize: ``"unit"`` / ``"preconditioned"``: divide every training and query row's
+            gradient by its norm before it enters a group sum, so normalised scores stay
+            additive over groups (:mod:`hf_ggda.attributors.normalise`); None: raw scores.
     """
 
     attributor_type: str = field(default="", metadata={"help": "Registered method name."})
@@ -90,6 +95,8 @@ class AttributorConfig(ConfigMixin):
         "help": "Factorised projection: k per side of every linear layer (None = off)."})
     store_dtype: Optional[str] = field(default=None, metadata={
         "help": "Store vectors as 'float16' or 'bfloat16' (None: the accumulation dtype)."})
+    normalize: Optional[str] = field(default=None, metadata={
+        "help": "'unit' or 'preconditioned': normalise each row before the group sum."})
 
     def __post_init__(self) -> None:
         expected = type(self).__dataclass_fields__["attributor_type"].default
@@ -106,6 +113,7 @@ class AttributorConfig(ConfigMixin):
         if self.factorised_dim is not None and self.factorised_dim < 1:
             raise ValueError(f"factorised_dim must be >= 1 or None, got {self.factorised_dim}.")
         EngineConfig(store_dtype=self.store_dtype)  # validates it
+        check_normalize(self.normalize)
         if not isinstance(self.selection, (str, list, tuple)) or not self.selection:
             raise ValueError(f"selection must be a non-empty string or list, got "
                              f"{self.selection!r}.")
@@ -201,6 +209,7 @@ class Attributor(ABC):
         self._fit: Optional[_Fit] = None
         self._components: Optional[list[Component]] = None
         self._query_cache: OrderedDict[str, list[torch.Tensor]] = OrderedDict()
+        self._curvature_rows: Optional[Dataset] = None
 
     # -- hooks for subclasses ----------------------------------------------------------------
     def build_components(self) -> list[Component]:
@@ -263,8 +272,13 @@ class Attributor(ABC):
         return self._fit
 
     def curvature_context(self, engine: GradientEngine, train: Dataset) -> CurvatureContext:
-        """A :class:`~hf_ggda.curvature.CurvatureContext` over ``train`` for ``engine``."""
-        return CurvatureContext(engine, train)
+        """A :class:`~hf_ggda.curvature.CurvatureContext` for ``engine`` over the curvature
+        rows given to :meth:`fit` (default: ``train``)."""
+        return CurvatureContext(engine, self._curvature_rows or train)
+
+    def uses_curvature(self) -> bool:
+        """Whether the method fits curvature (so ``fit(curvature_dataset=)`` applies)."""
+        return False
 
     # -- public API ------------------------------------------------------------------------
     def prepare_pass(self, index: int, component: Component, engine: GradientEngine,
@@ -275,7 +289,8 @@ class Attributor(ABC):
 
     def fit(self, train_dataset: Dataset, group_column: str = GROUP_COLUMN,
             store: Optional[str | os.PathLike[str]] = None,
-            overwrite: bool = False, grouper: Optional["Grouper"] = None) -> "Attributor":
+            overwrite: bool = False, grouper: Optional["Grouper"] = None,
+            curvature_dataset: Optional[CurvatureData] = None) -> "Attributor":
         """Compute and keep the group vectors (and curvature / kernels) of the training data.
 
         With a ``grouper`` the rows are grouped inside the fit. For Grad-K-Means (the
@@ -294,6 +309,9 @@ class Attributor(ABC):
             overwrite: Replace stores made for another request instead of raising.
             grouper: Group the rows inside the fit (see above); other groupers run their
                 own ``assign`` first.
+            curvature_dataset: Fit the curvature (K-FAC, EK-FAC, LiSSA, DataInf, exact) on
+                these rows, or a weighted mix of datasets, instead of the training rows
+                (:mod:`hf_ggda.curvature.mix`); it then costs a pass of its own.
 
         Returns:
             ``self``.
@@ -303,7 +321,14 @@ class Attributor(ABC):
             EmptyDatasetError: No rows.
             StoreMismatchError: ``store`` holds results of another request.
             NonFiniteError: A loss or gradient is NaN/Inf.
+            ValueError: ``curvature_dataset`` for a method without curvature.
         """
+        if curvature_dataset is not None and not self.uses_curvature():
+            raise ValueError(f"{type(self).__name__} with these settings fits no curvature, so "
+                             "curvature_dataset does not apply: use InfluenceFunction with "
+                             "preconditioner='kfac', 'ekfac', 'lissa', 'datainf' or 'exact'.")
+        self._curvature_rows = None if curvature_dataset is None else \
+            resolve_curvature_dataset(curvature_dataset, getattr(self.config, "seed", 0))
         base = None if store is None else Path(store)
         subs = [None if base is None else base / f"component-{c}"
                 for c in range(len(self.components))]
@@ -340,12 +365,12 @@ class Attributor(ABC):
         engine = self._engine(c, comp)
         with comp.activate(self.model):
             taps = self.prepare_pass(c, comp, engine, train, sub)
-            if self.point_pass():  # per-example vectors, summed into the groups
+            if self.point_pass() or self.config.normalize:  # per-example, summed into groups
                 points = engine.per_example_gradients(
                     train, fn=self.train_fn(), taps=taps, overwrite=overwrite, keep=False,
                     store=None if sub is None else str(sub / "points"))
                 groups = engine.sum_into_groups(points, train, group_column, self.train_fn())
-                groups.extras["row_vectors"] = points.point_chunks
+                groups.extras.update(row_vectors=points.point_chunks, points=points)
             else:
                 groups = engine.group_gradients(
                     train, group_column, overwrite=overwrite, fn=self.train_fn(),
@@ -353,7 +378,7 @@ class Attributor(ABC):
                 if bool((groups.sizes == 1).all()):  # point mode: the vectors are per-row
                     groups.extras["row_vectors"] = _row_vectors(
                         groups.gradients, plan_groups(train[group_column], 1).order)
-            return self._finish_part(comp, engine, train, groups, sub)
+            return self._finish_part(comp, engine, train, groups, sub, group_column)
 
     def point_pass(self) -> bool:
         """Whether the training pass computes per-example vectors and sums them into the
@@ -363,8 +388,18 @@ class Attributor(ABC):
         return False
 
     def _finish_part(self, comp: Component, engine: GradientEngine, train: Dataset,
-                     groups: GroupGradients, sub: Optional[Path]) -> _Part:
+                     groups: GroupGradients, sub: Optional[Path], group_column: str) -> _Part:
         pre = self.fit_preconditioner(comp, engine, train, groups, sub)
+        if self._curvature_rows is not None:  # which rows the curvature came from
+            groups.fingerprint = {**groups.fingerprint,
+                                  "curvature_dataset": self._curvature_rows._fingerprint}
+        kind = self.config.normalize
+        if kind is not None:  # re-sum the per-row vectors, each divided by its norm
+            points = groups.extras["points"]
+            weights = row_weights(points.point_chunks, len(train), kind, pre)
+            groups = engine.sum_into_groups(points, train, group_column, self.train_fn(),
+                                            weights)
+            groups.fingerprint = {**groups.fingerprint, "normalize": kind}
         part = _Part(groups.gradients, groups.gradients, pre, groups.fingerprint,
                      groups.group_ids, groups.sizes)
         part.train = self._transform(part, groups.gradients, "train")
@@ -392,8 +427,8 @@ class Attributor(ABC):
             else:  # resumed from a point store: the features were not seen in this pass
                 grouped = grouper.assign(train, model=self.model, task=self.task)
             groups = engine.sum_into_groups(points, grouped, GROUP_COLUMN, self.train_fn())
-            groups.extras = {"row_vectors": points.point_chunks}
-            part = self._finish_part(comp, engine, grouped, groups, sub)
+            groups.extras = {"row_vectors": points.point_chunks, "points": points}
+            part = self._finish_part(comp, engine, grouped, groups, sub, GROUP_COLUMN)
         return grouped, {c: part}
 
     def train_sign(self) -> float:
@@ -434,13 +469,34 @@ class Attributor(ABC):
         for c, (comp, part) in enumerate(zip(self.components, state.parts)):
             engine = self._engine(c, comp)
             with comp.activate(self.model):
-                grads = engine.per_example_gradients(dataset, fn=fn) if mode == "rows" \
-                    else engine.group_gradients(dataset, column or "", fn=fn)
+                if self.config.normalize is not None:
+                    grads = self._normalised_queries(engine, part, dataset, mode, column)
+                else:
+                    grads = engine.per_example_gradients(dataset, fn=fn) if mode == "rows" \
+                        else engine.group_gradients(dataset, column or "", fn=fn)
                 vectors.append(self._transform(part, grads.gradients, "query"))
             fps.append(grads.fingerprint)
             ids = list(range(len(dataset))) if mode == "rows" else \
                 (["all"] if mode == "sum" else grads.group_ids)
         return vectors, ids, fps
+
+    def _normalised_queries(self, engine: GradientEngine, part: _Part, dataset: Dataset,
+                            mode: str, column: Optional[str]) -> GroupGradients:
+        """Query vectors under ``normalize``: every row normalised, then summed per query
+        group (or over all rows) so scores stay additive over query rows too.
+
+        Raises:
+            MissingColumnError: The query group column is absent.
+        """
+        grads = engine.per_example_gradients(dataset, fn=self.query_fn())
+        grads.gradients = normalise_rows(grads.gradients, self.config.normalize,
+                                         part.preconditioner)
+        if mode == "rows":
+            return grads
+        if column not in dataset.column_names:
+            raise MissingColumnError(str(column), dataset.column_names,
+                                     role="query group column")
+        return engine.sum_into_groups(grads, dataset, str(column), self.query_fn())
 
     def _check_task(self, state: _Fit) -> None:
         """Queries must be prepared like the training rows (tokenizer, lengths, padding).
@@ -596,7 +652,9 @@ class Attributor(ABC):
         for c, (comp, part) in enumerate(zip(self.components, state.parts)):
             with comp.activate(self.model):
                 grads = self._engine(c, comp).per_example_gradients(subset, fn=self.train_fn())
-                train.append(self._transform(part, grads.gradients, "train"))
+                rows_vec = normalise_rows(grads.gradients, self.config.normalize,
+                                          part.preconditioner)
+                train.append(self._transform(part, rows_vec, "train"))
         point = self._combine(vectors, train).detach().cpu()
         key = row_column or (ROW_COLUMN if ROW_COLUMN in state.dataset.column_names else None)
         if key is not None and key not in subset.column_names:

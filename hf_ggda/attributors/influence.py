@@ -1,10 +1,10 @@
 """GGDA-Influence: τ(G, q) = ∇f(q)ᵀ (H + λI)⁻¹ g_G.
 
 H is the Hessian of the summed training loss over the selected parameters, or an
-approximation: ``identity`` (grad-dot; ``cosine=True`` for grad-cosine), ``kfac`` / ``ekfac``
-(Kronecker factors per linear module, LoRA ``lora_A`` / ``lora_B`` included), ``lissa``
-(stochastic recursion with Hessian-vector products), ``datainf`` (closed-form per-module
-inverse) or ``exact`` (the full Hessian; small models). Group gradients are stored
+approximation: ``identity`` (grad-dot; ``normalize="unit"`` for per-row grad-cosine),
+``kfac`` / ``ekfac`` (Kronecker factors per linear module, LoRA ``lora_A`` / ``lora_B``
+included), ``lissa`` (stochastic recursion with Hessian-vector products), ``datainf``
+(closed-form per-module inverse) or ``exact`` (the full Hessian; small models). Group gradients are stored
 unprojected, since curvature lives in the parameter space (projection is allowed with the
 identity only).
 
@@ -15,6 +15,7 @@ removing G would raise the query's loss, i.e. when G helps the query.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -40,7 +41,8 @@ class InfluenceConfig(AttributorConfig):
     Attributes:
         preconditioner: ``identity``, ``kfac``, ``ekfac``, ``lissa``, ``datainf`` or ``exact``.
         damping: λ added to the Hessian of the summed training loss.
-        cosine: Grad-cosine instead of grad-dot (identity only; not additive over groups).
+        cosine: Deprecated alias of ``normalize="unit"`` (per-row grad-cosine, additive over
+            groups); it used to normalise the group vectors, which was not additive.
         projection_dim: Random projection dimension (identity only; None: exact).
         projection_kind: ``"rademacher"`` or ``"gaussian"``.
         seed: Projection and LiSSA sampling seed.
@@ -59,7 +61,7 @@ class InfluenceConfig(AttributorConfig):
         metadata={"help": "identity, kfac, ekfac, lissa, datainf or exact."})
     damping: float = field(default=0.0, metadata={"help": "Damping λ of (H + λI)⁻¹."})
     cosine: bool = field(default=False,
-                         metadata={"help": "Grad-cosine (identity preconditioner only)."})
+                         metadata={"help": "Deprecated: normalize='unit'."})
     projection_dim: Optional[int] = field(
         default=None, metadata={"help": "Projection dimension (identity only)."})
     projection_kind: str = field(default="rademacher",
@@ -91,9 +93,15 @@ class InfluenceConfig(AttributorConfig):
             raise ValueError("factorised_dim works with the identity, kfac and ekfac "
                              "preconditioners (K-FAC factors are fitted in the projected space) "
                              "and without projection_dim.")
-        if self.preconditioner != "identity" and (self.cosine or self.projection_dim):
-            raise ValueError("cosine and projection_dim work with preconditioner='identity' "
-                             "only: curvature is computed in the unprojected parameter space.")
+        if self.preconditioner != "identity" and self.projection_dim:
+            raise ValueError("projection_dim works with preconditioner='identity' only: "
+                             "curvature is computed in the unprojected parameter space (use "
+                             "factorised_dim for projected K-FAC / EK-FAC).")
+        if self.cosine:
+            warnings.warn("InfluenceConfig(cosine=True) is now normalize='unit': every row is "
+                          "normalised before its group sum (additive over groups). Pass "
+                          "normalize='unit' instead.", FutureWarning, stacklevel=3)
+            self.normalize = self.normalize or "unit"
         self.preconditioner_options()  # validates the LiSSA / exact settings
         EngineConfig(projection_dim=self.projection_dim, projection_kind=self.projection_kind)
 
@@ -171,7 +179,9 @@ class InfluenceFunction(Attributor):
             return []
         pre = make_preconditioner(name, **self.config.preconditioner_options())
         ctx = self.curvature_context(engine, train)
-        tap = None if pre.try_load(ctx, self._cache(store)) else pre.pass_tap(ctx)
+        own_rows = self._curvature_rows is None  # the training pass sees the curvature rows
+        tap = None if pre.try_load(ctx, self._cache(store)) or not own_rows \
+            else pre.pass_tap(ctx)
         self._prepared[id(component)] = (pre, ctx, tap)
         return [tap] if tap is not None else []
 
@@ -207,11 +217,9 @@ class InfluenceFunction(Attributor):
         pre.save(ctx, cache)
         return pre
 
-    def postprocess(self, vectors: torch.Tensor) -> torch.Tensor:
-        """Normalise rows to unit length for grad-cosine."""
-        if not self.config.cosine:
-            return vectors
-        return vectors / vectors.norm(dim=1, keepdim=True).clamp(min=1e-30)
+    def uses_curvature(self) -> bool:
+        """Every preconditioner but the identity fits curvature."""
+        return self.config.preconditioner != "identity"
 
     @property
     def preconditioner(self) -> Optional[Preconditioner]:

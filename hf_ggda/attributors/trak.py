@@ -134,6 +134,10 @@ class TRAKConfig(AttributorConfig):
         if self.damping < 0:
             raise ValueError(f"damping must be >= 0, got {self.damping}.")
         EngineConfig(projection_dim=self.projection_dim, projection_kind=self.projection_kind)
+        if self.normalize is not None:
+            raise ValueError("normalize does not apply to TRAK (its kernel already whitens the "
+                             "features); use TracIn or InfluenceFunction with normalize=, or "
+                             "leave it None.")
 
 
 class TRAK(Attributor):

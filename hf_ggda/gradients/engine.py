@@ -313,7 +313,8 @@ class GradientEngine:
         return rows if rows < bs else rows // bs * bs  # whole batches: no short batches
 
     def sum_into_groups(self, points: GroupGradients, dataset: Dataset,
-                        group_column: str = GROUP_COLUMN, fn: RowFn = "loss") -> GroupGradients:
+                        group_column: str = GROUP_COLUMN, fn: RowFn = "loss",
+                        weights: Optional[np.ndarray] = None) -> GroupGradients:
         """Sum per-example vectors (rows in dataset order) into the groups of ``group_column``.
 
         By linearity this equals :meth:`group_gradients` on the same rows (exactly, up to
@@ -324,6 +325,8 @@ class GradientEngine:
             dataset: The same rows, now with a group column.
             group_column: Column of group ids.
             fn: The row function ``points`` were computed with (for the fingerprint).
+            weights: (n,) per-row factors applied before the sum (e.g. 1 / ‖g_i‖ for
+                normalised scores); None: plain sums.
 
         Returns:
             The group vectors, groups sorted by id, fingerprinted like :meth:`group_gradients`.
@@ -344,7 +347,11 @@ class GradientEngine:
                             dtype=points.gradients.dtype, device=points.gradients.device)
         for rows, vectors in points.point_chunks():
             index = torch.as_tensor(slot_of_row[rows], device=grads.device)
-            grads.index_add_(0, index, vectors.to(grads.dtype))
+            vectors = vectors.to(grads.dtype)
+            if weights is not None:
+                vectors = vectors * torch.as_tensor(weights[rows], dtype=grads.dtype,
+                                                    device=grads.device)[:, None]
+            grads.index_add_(0, index, vectors)
         fp = self.fingerprint(dataset, hash_array(dataset[group_column]), fn)
         return GroupGradients(grads, plan.group_ids, np.diff(plan.ptr), fp, points.fresh,
                               dict(points.extras))
