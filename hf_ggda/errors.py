@@ -191,3 +191,8 @@ class DataFileError(GGDAError, ValueError):
 
 class ModelLoadError(GGDAError, ValueError):
     """A model (or adapter) folder given on the command line cannot be loaded."""
+
+
+class ChatFormatError(GGDAError, ValueError):
+    """Chat-formatted rows cannot be encoded: no chat template, malformed ``messages``, no
+    assistant turn to train on, or a template whose prefixes are not prefixes of the whole."""

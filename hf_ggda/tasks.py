@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from datasets import Dataset
 from datasets.fingerprint import Hasher
 
+from .chat import check_chat_tokenizer, encode_chat_rows
 from .errors import ColumnTypeError, EmptyDatasetError, MissingColumnError
 from .fingerprint import hash_json
 from .logging import get_logger
@@ -213,12 +214,13 @@ class _TokenizerTask(AttributionTask):
                 f"{dataset.features[column]}. Cast or pick another text column."
             )
 
-    def _map(self, dataset: Dataset, fn: Any) -> Dataset:
+    def _map(self, dataset: Dataset, fn: Any, with_indices: bool = False) -> Dataset:
         remove = [c for c in dataset.column_names if c not in PASSTHROUGH]
         new_fp = hash_json([dataset._fingerprint, self.config_dict(), "prepare-v1"])
         return dataset.map(
             fn,
             batched=True,
+            with_indices=with_indices,
             remove_columns=remove,
             new_fingerprint=new_fp,
             desc=f"Tokenising for {type(self).__name__}",
@@ -350,8 +352,11 @@ class SequenceClassificationTask(_TokenizerTask):
 class CausalLMTask(_TokenizerTask):
     """Causal language modelling; the loss covers target tokens only (labels -100 masked).
 
-    Either ``text_column`` (every token is a target) or ``prompt_column`` + ``response_column``
-    (only response tokens are targets; an eos token is appended to the response).
+    Either ``text_column`` (every token is a target), ``prompt_column`` + ``response_column``
+    (only response tokens are targets; an eos token is appended to a string response; lists
+    of messages in both, TRL's conversational prompt/completion, go through the chat
+    template), or ``messages_column`` (chat rows through the tokenizer's chat template, every
+    non-assistant token masked; see :mod:`hf_ggda.chat`).
 
     Args:
         tokenizer: A Hugging Face tokenizer.
@@ -360,6 +365,11 @@ class CausalLMTask(_TokenizerTask):
         response_column: Column with responses (trained on).
         max_length: Truncation length in tokens.
         reduction: ``"mean"`` or ``"sum"`` of a row's target-token losses.
+        messages_column: Column of chat ``messages`` (role/content dicts).
+
+    Raises:
+        ValueError: Bad reduction or column combination.
+        ChatFormatError: Chat rows with a tokenizer that has no chat template.
     """
 
     def __init__(
@@ -370,14 +380,20 @@ class CausalLMTask(_TokenizerTask):
         response_column: Optional[str] = None,
         max_length: int = 128,
         reduction: str = "mean",
+        messages_column: Optional[str] = None,
     ) -> None:
         super().__init__(tokenizer, text_column, max_length)
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}.")
         if (prompt_column is None) != (response_column is None):
             raise ValueError("Pass both prompt_column and response_column, or neither.")
+        if messages_column is not None and prompt_column is not None:
+            raise ValueError("Pass messages_column or prompt_column/response_column, not both.")
+        if messages_column is not None:
+            check_chat_tokenizer(tokenizer)
         self.prompt_column = prompt_column
         self.response_column = response_column
+        self.messages_column = messages_column
         self.reduction = reduction
         self.feature_columns = ("input_ids", "attention_mask", "labels")
 
@@ -385,12 +401,33 @@ class CausalLMTask(_TokenizerTask):
         cfg = super().config_dict()
         cfg.update(prompt_column=self.prompt_column, response_column=self.response_column,
                    reduction=self.reduction)
+        if self.messages_column is not None or self.prompt_column is not None:
+            cfg.update(messages_column=self.messages_column,
+                       chat_template=hash_json(getattr(self.tokenizer, "chat_template", None)))
         return cfg
+
+    def _prepare_chat(self, dataset: Dataset) -> Dataset:
+        """Chat rows (messages, or conversational prompt/completion) through the template."""
+        check_chat_tokenizer(self.tokenizer)
+        tok, max_length = self.tokenizer, self.max_length
+        cols = (self.messages_column, self.prompt_column, self.response_column)
+        check_columns(dataset, [c for c in cols if c is not None])
+
+        def fn(rows: dict[str, list[Any]], idx: list[int]) -> dict[str, list[Any]]:
+            return encode_chat_rows(tok, rows, max_length, *cols, offset=idx[0])
+
+        out = self._map(dataset, fn, with_indices=True)
+        self._check_targets(out)
+        return out
 
     def prepare(self, dataset: Dataset) -> Dataset:
         cols = ([self.prompt_column, self.response_column] if self.prompt_column
                 else [self.text_column])
-        check_columns(dataset, cols)
+        check_columns(dataset, [self.messages_column] if self.messages_column else cols)
+        if self.messages_column is not None or (
+                self.prompt_column is not None and
+                isinstance(dataset[0][self.prompt_column], list)):
+            return self._prepare_chat(dataset)
         for c in cols:
             self._check_text(dataset, c)
         check_no_nulls(dataset, cols)
