@@ -36,10 +36,13 @@ from hf_ggda.tasks import GROUP_COLUMN, AttributionTask
 
 #: Attribution methods of the grid (``if-exact`` needs a model small enough for the Hessian).
 METHODS: tuple[str, ...] = ("tracin", "if-identity", "if-ekfac", "if-exact", "trak",
-                            "if-ekfac-128")
-#: Run only when asked for (``--methods``): the exact Hessian, and EK-FAC fitted on a seeded
-#: sample of 128 training rows (``InfluenceConfig.curvature_rows``).
-OPT_IN_METHODS: tuple[str, ...] = ("if-exact", "if-ekfac-128")
+                            "if-ekfac-128", "if-identity-f16", "if-identity-f64",
+                            "if-ekfac-f16", "if-ekfac-f64")
+#: Run only when asked for (``--methods``): the exact Hessian, EK-FAC fitted on a seeded
+#: sample of 128 training rows (``InfluenceConfig.curvature_rows``), and the factorised
+#: projection at k = 16 / 64 per side (``-f16`` / ``-f64``, ``factorised_dim``).
+OPT_IN_METHODS: tuple[str, ...] = ("if-exact", "if-ekfac-128", "if-identity-f16",
+                                   "if-identity-f64", "if-ekfac-f16", "if-ekfac-f64")
 #: Groupers of the grid.
 GROUPINGS: tuple[str, ...] = ("random", "kmeans-repr", "grad-kmeans")
 
@@ -132,10 +135,10 @@ def build_attributor(setting: FidelitySetting, method: str) -> Attributor:
             preconditioner="ekfac", damping=opts.damping, batch_size=opts.batch_size,
             curvature_rows=128))
     if method.startswith("if-"):
-        pre = method[3:]
+        pre, _, k = method[3:].partition("-f")
         return InfluenceFunction(model, task, InfluenceConfig(
             preconditioner=pre, damping=opts.damping if pre != "identity" else 0.0,
-            batch_size=opts.batch_size))
+            batch_size=opts.batch_size, factorised_dim=int(k) if k else None))
     if method == "trak":
         return TRAK(model, task, TRAKConfig(projection_dim=opts.trak_dim,
                                             kernel=opts.trak_kernel, damping=opts.trak_damping,
