@@ -318,8 +318,10 @@ class EKFAC(KFAC):
             for i, m in enumerate(self.modules):
                 mats = m.to_matrix(vectors).to(corrected[i].dtype)
                 corrected[i] += ((m.qs.T @ mats @ m.qa) ** 2).sum(0)
+        # the kept per-row vectors are every row's on every process (summed over processes,
+        # or read back from the shared store), so the sum is already whole: no reduction
         for m, eig in zip(self.modules, corrected):
-            m.eig = all_reduce_sum(eig) * self._scale
+            m.eig = eig * self._scale
         self.fitted = True
 
     def _correct_by_pass(self, ctx: CurvatureContext) -> None:

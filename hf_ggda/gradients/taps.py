@@ -22,7 +22,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from ..integrations.distributed import all_reduce_sum
+from ..integrations.distributed import all_reduce_max, all_reduce_sum
 
 #: Per observed module (by ``id``): its calls in the batch as (input, output gradient) pairs.
 Calls = dict[int, list[tuple[torch.Tensor, torch.Tensor]]]
@@ -106,8 +106,12 @@ class OutputFeatureTap(PassTap):
         self.seen[index] = True
 
     def finish(self) -> None:
+        # a process that got no shard saw no row: it learns the width from the others, so
+        # every process reduces a tensor of the same shape
+        width = all_reduce_max(0 if self.features is None else self.features.shape[1])
         if self.features is None:
-            self.features = torch.zeros(len(self.seen), 0)
+            self.features = torch.zeros(len(self.seen), width, dtype=torch.float32,
+                                        device=self.seen.device)
         self.features = all_reduce_sum(self.features)
         self.seen = all_reduce_sum(self.seen.to(torch.int32)).bool()
 

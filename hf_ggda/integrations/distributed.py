@@ -34,8 +34,29 @@ def barrier() -> None:
         dist.barrier()
 
 
+def _reduce(tensor: torch.Tensor, op: "dist.ReduceOp.RedOpType") -> torch.Tensor:
+    """Reduce ``tensor`` in place over processes; a CPU tensor under nccl travels through the
+    process's GPU and back (nccl reduces device memory only)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return tensor
+    if tensor.device.type == "cpu" and dist.get_backend() == "nccl":
+        moved = tensor.to(f"cuda:{torch.cuda.current_device()}")
+        dist.all_reduce(moved, op=op)
+        tensor.copy_(moved.cpu())
+    else:
+        dist.all_reduce(tensor, op=op)
+    return tensor
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum ``tensor`` over processes in place and return it (no-op in a single process)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor
+    return _reduce(tensor, dist.ReduceOp.SUM)
+
+
+def all_reduce_max(value: int) -> int:
+    """The largest of every process's ``value`` (``value`` itself in a single process).
+
+    Every process must call it, e.g. to agree on a width that only some processes know
+    because only they saw data.
+    """
+    return int(_reduce(torch.tensor([value], dtype=torch.int64), dist.ReduceOp.MAX).item())
