@@ -1,4 +1,4 @@
-"""The ``hf-ggda`` command: group, attribute, self-influence, prune, card, and the demo.
+"""The ``hf-ggda`` command: group, attribute, self-influence, sources, prune, card, the demo.
 
 Every subcommand reads local models and datasets (``save_to_disk`` folders or
 json/jsonl/csv/parquet files), takes its options from the config dataclasses (``--help`` lists
@@ -158,6 +158,9 @@ def _build_parser() -> argparse.ArgumentParser:
         _add_io(m, queries=False)
         cfg.add_arguments(m, prefix="m_", exclude=("attributor_type",))
     _add_prune_and_card(sub)
+    from .cli_sources import add_sources_parser
+
+    add_sources_parser(sub)
     return parser
 
 
@@ -448,6 +451,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             _prune(args)
         elif args.command == "card":
             _card(args)
+        elif args.command == "sources":
+            from .cli_sources import run_sources
+
+            run_sources(args)
         else:
             _attribute(args, with_queries=args.command == "attribute")
     except KeyboardInterrupt:

@@ -155,3 +155,29 @@ def test_prune_and_card_from_an_attribute_run(saved_model, capsys):
     assert "tiny-bert" in readme and (d / "card" / "score_distribution.png").stat().st_size > 0
     assert main(["card", "--run", str(d), "--output", str(d / "card2")]) == 2
     assert "No scores/ folder" in capsys.readouterr().err
+
+
+def test_sources_ranks_named_sources(saved_model, capsys):
+    d = saved_model
+    train = toy_dataset(30).add_column("origin", [f"s{i % 3}" for i in range(30)])
+    train.to_json(str(d / "train_sources.jsonl"))
+    assert main(["sources", "influence", "--model", str(d / "base"), "--adapter",
+                 str(d / "adapter"), "--train", str(d / "train_sources.jsonl"),
+                 "--eval", f"dev={d / 'queries.jsonl'}", "--eval", str(d / "train"),
+                 "--source-column", "origin", "--output", str(d / "src"), "--max-length", "16",
+                 "--bootstrap", "50"]) == 0
+    scored = load_from_disk(str(d / "src" / "train"))
+    table = load_from_disk(str(d / "src" / "report" / "sources"))
+    assert sorted(set(table["evaluation"])) == ["dev", "train"]
+    assert len(table) == 6 and all(lo <= hi for lo, hi in zip(table["ci_low"],
+                                                               table["ci_high"]))
+    assert {"ggda_source_score", "ggda_source_rank", "ggda_source_score_dev"} <= \
+        set(scored.column_names)
+    assert "most harmful first" in capsys.readouterr().out
+    # one source only: a one-line error naming the fix, exit 2
+    toy_dataset(6).add_column("origin", ["a"] * 6).to_json(str(d / "one.jsonl"))
+    assert main(["sources", "influence", "--model", str(d / "base"), "--adapter",
+                 str(d / "adapter"), "--train", str(d / "one.jsonl"), "--eval",
+                 str(d / "train"), "--source-column", "origin", "--output", str(d / "src3"),
+                 "--max-length", "16"]) == 2
+    assert "at least two sources" in capsys.readouterr().err

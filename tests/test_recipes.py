@@ -120,6 +120,23 @@ def test_pruning_quick(tmp_path: Path, restore_globals: None) -> None:
     check_saved(out / "train_scored")
 
 
+def test_source_attribution_quick(tmp_path: Path, restore_globals: None) -> None:
+    fig, out = run_quick("source_attribution", tmp_path)
+    rho = fig["spearman_loso"]
+    assert len(rho["per_seed"]) == 2 and all(-1.0 <= v <= 1.0 for v in rho["per_seed"])
+    assert set(fig["gain_top_r"]) == {"1", "2", "3"}
+    assert all(set(v) == {"ggda", "random", "loss"} for v in fig["gain_top_r"].values())
+    assert len(fig["per_source"]) == 12 and fig["cost_ratio"]["loso_runs"] == 26
+    sources = {r["source"] for r in fig["per_source"]}
+    assert {"flipped-labels", "shortcut", "hard-correct", "off-topic"} <= sources
+    assert 0.0 < fig["cost_ratio"]["ggda_over_loso"] < 1.0
+    from datasets import load_from_disk
+
+    table = load_from_disk(str(out / "report" / "sources"))
+    assert len(table) == 12 and "## Sources" in (out / "card" / "README.md").read_text()
+    check_saved(out / "train_scored")
+
+
 def test_hub_curation_quick(tmp_path: Path, restore_globals: None) -> None:
     fig, out = run_quick("hub_curation", tmp_path)
     n = fig["num_sources"]
