@@ -41,9 +41,9 @@ from _common import (HEAD_SELECTION, Timings, base_parser, bbc_splits, detection
                      replace_column, sample_curve, say, select_until, setup_run, write_figures)
 
 FULL = {"train_rows": 1600, "val_rows": 200, "max_length": 64, "steps": 150, "groups": 100,
-        "loop_sample": 48, "checkpoints": 3}
+        "loop_sample": 48, "checkpoints": 3, "cleanlab_folds": 5}
 QUICK = {"train_rows": 128, "val_rows": 16, "max_length": 32, "steps": 10, "groups": 8,
-         "loop_sample": 4, "checkpoints": 2}
+         "loop_sample": 4, "checkpoints": 2, "cleanlab_folds": 2}
 ROW_COLUMN = "row"
 RECALLS = ("recall_at_10", "recall_at_20")
 
@@ -55,6 +55,11 @@ def parse_args(argv: Optional[list[str]]) -> Any:
     ap.add_argument("--val-rows", type=int, default=None,
                     help="Clean validation articles (group scores on the card).")
     ap.add_argument("--noise", type=float, default=0.1, help="Share of labels flipped.")
+    ap.add_argument("--noise-kind", choices=("uniform", "pair"), default="uniform",
+                    help="Flip to a uniformly drawn other class, or always to the next class "
+                         "(class-conditional noise, which a model partly learns).")
+    ap.add_argument("--cleanlab-folds", type=int, default=None,
+                    help="Folds of cleanlab's cross-validated baseline (0: skip).")
     ap.add_argument("--max-length", type=int, default=None, help="Tokens per article.")
     ap.add_argument("--steps", type=int, default=None, help="Fine-tuning steps.")
     ap.add_argument("--batch-size", type=int, default=16, help="Fine-tuning batch size.")
@@ -148,6 +153,36 @@ def point_self_influence(engine: Any, components: Sequence[Any], model: Any,
     return total
 
 
+def cleanlab_baseline(train: Any, args: Any) -> tuple[np.ndarray, np.ndarray]:
+    """cleanlab on out-of-fold probabilities of fresh fine-tunes with the recipe's settings.
+
+    Returns:
+        (suspicion per row, cleanlab's flagged rows).
+    """
+    from _baselines import cleanlab_scores, out_of_fold_probs
+
+    from hf_ggda.data import load_minilm_classifier
+    from hf_ggda.tasks import SequenceClassificationTask
+    from hf_ggda.training import finetune
+
+    def fit(rows: Any, seed: int) -> tuple[Any, Any]:
+        model, tokenizer = load_minilm_classifier(num_labels=5, lora_r=8, seed=seed)
+        task = SequenceClassificationTask(tokenizer, max_length=args.max_length)
+        finetune(model, task, rows, args.steps, args.batch_size, args.lr, seed, desc=None)
+        return model, task
+
+    probs = out_of_fold_probs(train, args.cleanlab_folds, args.seed, fit)
+    return cleanlab_scores(np.asarray(train["label"]), probs)
+
+
+def flagged_figures(flagged: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    """Precision / recall of a flagged set against the flipped rows."""
+    hits = float((flagged & truth.astype(bool)).sum())
+    return {"flagged_fraction": float(flagged.mean()),
+            "precision": hits / max(float(flagged.sum()), 1.0),
+            "recall": hits / max(float(truth.sum()), 1.0)}
+
+
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     """Run the recipe; returns (and writes) the figures."""
     args = parse_args(argv)
@@ -164,6 +199,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     train, val = bbc_splits([args.train_rows, args.val_rows], seed=args.seed)
     clean = np.asarray(train["label"])
     noisy, flipped = flip_labels(clean, args.noise, 5, args.seed)
+    if args.noise_kind == "pair":  # the same rows, each flipped to the next class
+        noisy = np.where(flipped.astype(bool), (clean + 1) % 5, clean)
     train = replace_column(train, "label", noisy.tolist())
     train = train.add_column("clean_label", clean.tolist(), feature=train.features["label"])
     train = train.add_column("flipped", flipped.tolist())
@@ -224,6 +261,12 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             point_self_influence(loop_engine, attributor.components, model, sample)
         loop_per_row = times.cpu["point_loop_sample"] / len(sample)
 
+    clean_lab = None
+    if args.cleanlab_folds:
+        say(f"Baseline: cleanlab on {args.cleanlab_folds}-fold out-of-fold probabilities")
+        with times.stage("cleanlab"):
+            clean_lab = cleanlab_baseline(train, args)
+
     say("Validation scores (card) and figures")
     with times.stage("validation_scores"):
         scores = attributor.score(val, aggregate="sum", self_influence=True)
@@ -237,13 +280,22 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "random": detection(np.zeros(n), flipped),
         "validation_harm": detection(-(val_total / sizes)[group_of_row], flipped),
     }
+    if clean_lab is not None:
+        results["cleanlab"] = detection(clean_lab[0], flipped)
     group_cpu = times.total(group_path)
     figures: dict[str, Any] = {
         **recall_figures(results, {
             "ggda": ("", RECALLS + ("auc",)), "loss": ("loss_baseline_", RECALLS),
             "random": ("random_", RECALLS), "point": ("point_", RECALLS),
             "group_only": ("group_only_", RECALLS),
-            "validation_harm": ("validation_harm_", ("recall_at_20",))}),
+            "validation_harm": ("validation_harm_", ("recall_at_20",)),
+            **({"cleanlab": ("cleanlab_", RECALLS)} if clean_lab is not None else {})}),
+        "cleanlab_flagged": None if clean_lab is None else flagged_figures(clean_lab[1], flipped),
+        "cost_cpu_s": {"ggda_path": group_cpu, "point_self_influence":
+                       times.cpu["point_self_influence"], "loss_ranking":
+                       times.cpu["loss_ranking"], "cleanlab": times.cpu.get("cleanlab"),
+                       "finetune": times.cpu["finetune"]},
+        "noise_kind": args.noise_kind,
         "cost_ratio_vs_point": group_cpu / times.cpu["point_self_influence"],
         "cost_ratio_vs_point_wall": times.total(group_path, "wall")
         / times.wall["point_self_influence"],
@@ -300,7 +352,10 @@ def print_summary(fig: dict[str, Any], times: Timings, out: Path) -> None:
     print(f"{'ranking':<34}{'recall@10%':>11}{'recall@20%':>11}")
     for name, key in (("GGDA groups + drill-down", ""), ("GGDA groups only", "group_only_"),
                       ("point self-influence (all rows)", "point_"),
-                      ("training loss", "loss_baseline_"), ("random", "random_")):
+                      ("training loss", "loss_baseline_"), ("random", "random_"),
+                      ("cleanlab (out-of-fold)", "cleanlab_")):
+        if fig.get(key + "recall_at_10") is None:
+            continue
         print(f"{name:<34}{fig[key + 'recall_at_10']:>11.3f}{fig[key + 'recall_at_20']:>11.3f}")
     print(f"drilled {fig['drilled_fraction']:.1%} of rows holding "
           f"{fig['flipped_in_drilled']:.1%} of the flipped labels")

@@ -17,6 +17,7 @@ from types import ModuleType
 from typing import Any, Iterator
 
 import numpy as np
+import torch
 import pytest
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -93,7 +94,11 @@ def test_noisy_labels_quick(tmp_path: Path, restore_globals: None) -> None:
     fig, out = run_quick("noisy_labels", tmp_path)
     check_unit(fig, ["recall_at_10", "recall_at_20", "loss_baseline_recall_at_10",
                      "loss_baseline_recall_at_20", "point_recall_at_20",
-                     "group_only_recall_at_20", "drilled_fraction", "flipped_in_drilled"])
+                     "group_only_recall_at_20", "drilled_fraction", "flipped_in_drilled",
+                     "cleanlab_recall_at_10", "cleanlab_recall_at_20"])
+    flagged = fig["cleanlab_flagged"]  # cleanlab's own flagged set, and its cost counted
+    assert 0.0 <= flagged["precision"] <= 1.0 and 0.0 <= flagged["recall"] <= 1.0
+    assert fig["cost_cpu_s"]["cleanlab"] > 0 and fig["cost_cpu_s"]["ggda_path"] > 0
     assert fig["random_recall_at_10"] == pytest.approx(0.1, abs=0.01)
     assert fig["random_recall_at_20"] == pytest.approx(0.2, abs=0.01)
     for key in ("cost_ratio_vs_point", "cost_ratio_vs_point_wall", "cost_ratio_vs_point_loop"):
@@ -270,3 +275,35 @@ def test_finetune_with_snapshots_matches_finetune() -> None:
         assert torch.equal(value, final[name])
         assert torch.allclose(value, dict(a.named_parameters())[name], atol=1e-6)
     assert not torch.equal(snaps[0][name], snaps[-1][name])
+
+
+def test_out_of_fold_probs_use_held_out_models() -> None:
+    """Every row is predicted by the model of the fold that did not train on it."""
+    sys.path.insert(0, str(RECIPES))
+    from _baselines import out_of_fold_probs
+    from datasets import Dataset
+
+    data = Dataset.from_dict({"i": list(range(10))})
+    seen: list[set[int]] = []
+
+    class Remember(torch.nn.Module):
+        def __init__(self, rows: set[int]) -> None:
+            super().__init__()
+            self.rows = rows
+
+    def fit(rows: Dataset, seed: int):
+        trained = set(rows["i"])
+        seen.append(trained)
+        return Remember(trained), None
+
+    import _baselines
+
+    original = _baselines.predict_probs
+    _baselines.predict_probs = lambda model, task, held: np.array(
+        [[float(i in model.rows), 1.0] for i in held["i"]])
+    try:
+        probs = out_of_fold_probs(data, 3, 0, fit)
+    finally:
+        _baselines.predict_probs = original
+    assert len(seen) == 3 and all(len(s) in (6, 7) for s in seen)
+    assert np.all(probs[:, 0] == 0.0) and np.all(probs[:, 1] == 1.0)  # never its own model
