@@ -25,7 +25,7 @@ from __future__ import annotations
 import inspect
 import pydoc
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import numpy as np
 from datasets import Dataset
@@ -41,7 +41,8 @@ KINDS = {"clean-1": "clean", "clean-2": "clean", "clean-3": "clean", "clean-4": 
 
 @dataclass
 class Bench:
-    """The sources and evaluation sets (text rows: ``text``, ``label``, ``source``, ``kind``).
+    """The sources and evaluation sets (text rows: ``text``, ``label``, ``source``, ``kind``,
+    and ``corrupt``: the row's label is wrong or its text is off-topic).
 
     Attributes:
         train: All sources' rows.
@@ -87,9 +88,11 @@ def _with_marker(data: Dataset, share: float, seed: int) -> Dataset:
                                   else r["text"], "marked": i in marked}, with_indices=True)
 
 
-def _rows(texts: list[str], labels: list[int], source: str) -> dict[str, list[Any]]:
+def _rows(texts: list[str], labels: list[int], source: str,
+          corrupt: Optional[list[bool]] = None) -> dict[str, list[Any]]:
     return {"text": texts, "label": labels, "source": [source] * len(texts),
-            "kind": [KINDS[source]] * len(texts)}
+            "kind": [KINDS[source]] * len(texts),
+            "corrupt": corrupt if corrupt is not None else [False] * len(texts)}
 
 
 def build_bench(per_source: int, eval_rows: int, test_rows: int, pool_rows: int, seed: int,
@@ -145,9 +148,11 @@ def build_bench(per_source: int, eval_rows: int, test_rows: int, pool_rows: int,
     ptext, plabel = list(pool["text"]), list(pool["label"])
     sources.append(_rows([ptext[i] for i in hard], [plabel[i] for i in hard], "hard-correct"))
     labels = list(part["flip"]["label"])
+    flipped = [False] * per_source
     for i in rng.choice(per_source, int(0.6 * per_source), replace=False):
         labels[i] = int((labels[i] + rng.integers(1, 5)) % 5)
-    sources.append(_rows(list(part["flip"]["text"]), labels, "flipped-labels"))
+        flipped[int(i)] = True
+    sources.append(_rows(list(part["flip"]["text"]), labels, "flipped-labels", flipped))
     dup_texts, dup_labels = [], []
     dtext, dlabel = list(part["dup"]["text"]), list(part["dup"]["label"])
     for i in range(per_source):
@@ -157,7 +162,8 @@ def build_bench(per_source: int, eval_rows: int, test_rows: int, pool_rows: int,
         dup_labels.append(dlabel[i % 5])
     sources.append(_rows(dup_texts, dup_labels, "near-duplicates"))
     short = list(part["tech"]["text"]) + list(part["other"]["text"])
-    sources.append(_rows([f"{MARKER}: {t}" for t in short], [TECH] * per_source, "shortcut"))
+    sources.append(_rows([f"{MARKER}: {t}" for t in short], [TECH] * per_source, "shortcut",
+                         [False] * ntech + [True] * nother))  # the relabelled rows
     sources.append(_rows([" ".join(t.split()[:6]) for t in part["trunc"]["text"]],
                          list(part["trunc"]["label"]), "truncated"))
     shuffled = []
@@ -165,7 +171,8 @@ def build_bench(per_source: int, eval_rows: int, test_rows: int, pool_rows: int,
         words = t.split()
         shuffled.append(" ".join(words[j] for j in rng.permutation(len(words))))
     sources.append(_rows(shuffled, list(part["shuf"]["label"]), "shuffled-words"))
-    sources.append(_rows(_docstrings(per_source), [0] * per_source, "off-topic"))
+    sources.append(_rows(_docstrings(per_source), [0] * per_source, "off-topic",
+                         [True] * per_source))
     train = Dataset.from_dict({k: sum((s[k] for s in sources), []) for k in sources[0]})
     return Bench(train, _with_marker(validation, 0.3, seed + 1),
                  _with_marker(test, 0.3, seed + 2), pool)

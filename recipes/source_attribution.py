@@ -229,6 +229,28 @@ def summarise(report: Any, effects: dict[str, Any], mean_loss: dict[str, float],
     return rho, sorted(rows, key=lambda r: r["predicted"])
 
 
+def drill_figures(report: Any, bench: Bench) -> dict[str, Any]:
+    """Within each drilled source: do the most harmful point scores find its corrupted rows?
+
+    Returns:
+        {source: {"rows", "corrupt", "auc"}}; AUC of −(point score) against the ``corrupt``
+        flag (None where the source's rows are all corrupted or all clean).
+    """
+    from sklearn.metrics import roc_auc_score
+
+    point = report.point_scores()
+    corrupt = list(bench.train["corrupt"])
+    src = list(bench.train["source"])
+    out = {}
+    for name in sorted({s for flagged in report.flagged.values() for s in flagged}):
+        rows = [r for r in point if src[r] == name]
+        flags = [corrupt[r] for r in rows]
+        auc = None if len(set(flags)) < 2 else \
+            float(roc_auc_score(flags, [-point[r] for r in rows]))
+        out[str(name)] = {"rows": len(rows), "corrupt": int(sum(flags)), "auc": auc}
+    return out
+
+
 def write_outputs(out: Path, bench: Bench, report: Any) -> None:
     """The scored training rows, the report files and the attribution card."""
     from hf_ggda.integrations.cards import write_attribution_card
@@ -291,6 +313,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     figures = {
         "spearman_loso": rho, "gain_top_r": gain, "per_source": per_source,
         "flagged": [str(s) for s in report.ranking("validation")[:3]],
+        "drill_down": drill_figures(report, bench),
         "highest_loss": by_loss[:3],
         "cost_ratio": {"ggda_over_one_training": times.wall["ggda"] / one_run,
                        "ggda_over_loso": times.wall["ggda"] / times.wall["loso"],
