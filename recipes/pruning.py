@@ -74,10 +74,45 @@ def parse_args(argv: Optional[list[str]]) -> Any:
     ap.add_argument("--noise", type=float, default=0.0,
                     help="Share of training labels flipped before everything (0: clean).")
     ap.add_argument("--attr-batch-size", type=int, default=32, help="Rows per gradient pass.")
+    ap.add_argument("--baselines", nargs="*", choices=ROW_BASELINES, default=list(ROW_BASELINES),
+                    help="Row-level baselines pruned to the same sizes: 'el2n' drops the rows "
+                         "of lowest EL2N score ‖softmax − onehot‖ (the easiest), 'loss' the "
+                         "rows of highest training loss; both at the seed's fine-tuned model, "
+                         "the same share within each label.")
     args = parse_sized(ap, argv, FULL, QUICK)
     if any(not 0.0 < f < 1.0 for f in args.fractions):
         ap.error(f"--fractions must be in (0, 1), got {args.fractions}.")
     return args
+
+
+ROW_BASELINES = ("el2n", "loss")
+
+
+def row_scores(model: Any, task: Any, data: Any) -> dict[str, np.ndarray]:
+    """Per-row pruning scores, higher = pruned first: −EL2N (easy rows go) and the loss."""
+    from _baselines import predict_probs
+
+    probs = predict_probs(model, task, data)
+    labels = np.asarray(data["label"])
+    onehot = np.eye(probs.shape[1])[labels]
+    el2n = np.linalg.norm(probs - onehot, axis=1)
+    loss = -np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-300, None))
+    return {"el2n": -el2n, "loss": loss}
+
+
+def prune_rows(score: np.ndarray, labels: np.ndarray, drop: int,
+               balance: bool) -> np.ndarray:
+    """Rows kept after dropping ``drop`` rows of highest ``score`` (the same share within
+    each label when ``balance``)."""
+    n = len(score)
+    if not balance:
+        return np.sort(np.argsort(-score, kind="stable")[drop:])
+    out = []
+    for c in np.unique(labels):
+        rows = np.flatnonzero(labels == c)
+        k = int(round(drop * len(rows) / n))
+        out.append(rows[np.argsort(-score[rows], kind="stable")][k:])
+    return np.sort(np.concatenate(out))
 
 
 def key_of(fraction: float) -> str:
@@ -107,6 +142,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     dropped: dict[str, list[float]] = {}
     for f in args.fractions:
         acc[f"pruned_{key_of(f)}"], acc[f"random_{key_of(f)}"] = [], []
+        for b in args.baselines:
+            acc[f"{b}_{key_of(f)}"] = []
         dropped[key_of(f)] = []
     first: Optional[dict[str, Any]] = None
 
@@ -137,6 +174,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             attributor.fit(grouped)
             scores = attributor.score(val, aggregate="sum")
         totals = scores.aggregated().double().numpy()
+        with times.stage("row_baselines"):
+            baseline_scores = row_scores(model, task, train) if args.baselines else {}
         sizes = attributor.group_sizes
         index = {g: k for k, g in enumerate(attributor.group_ids)}
         group_of_row = np.array([index[g] for g in grouped["group_id"]])
@@ -158,6 +197,11 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             train_and_test(model, task, init, keep, seed, f"pruned_{key_of(f)}")
             train_and_test(model, task, init, rng.choice(n, len(keep), replace=False), seed,
                            f"random_{key_of(f)}")
+            for b in args.baselines:  # the same number of rows as the GGDA run drops
+                train_and_test(model, task, init,
+                               prune_rows(baseline_scores[b], np.asarray(train["label"]),
+                                          n - len(keep), not args.no_class_balance),
+                               seed, f"{b}_{key_of(f)}")
 
     means = {k: float(np.mean(v)) for k, v in acc.items()}
     figures: dict[str, Any] = {"acc_full": means["full"]}
@@ -165,7 +209,13 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         k = key_of(f)
         figures[f"acc_pruned_{k}"] = means[f"pruned_{k}"]
         figures[f"acc_random_{k}"] = means[f"random_{k}"]
+        for b in args.baselines:
+            figures[f"acc_{b}_{k}"] = means[f"{b}_{k}"]
     figures.update({
+        "baselines": list(args.baselines),
+        "cost_s": {"ggda_attribution": times.wall.get("attribution", 0.0),
+                   "row_baselines": times.wall.get("row_baselines", 0.0),
+                   "finetune_runs": times.wall.get("finetune", 0.0)},
         "acc_std": {k: float(np.std(v)) for k, v in acc.items()},
         "acc_per_seed": acc,
         "dropped_fraction": {k: float(np.mean(v)) for k, v in dropped.items()},
@@ -201,12 +251,13 @@ def print_summary(fig: dict[str, Any], fractions: list[float], out: Path) -> Non
     print(f"Pruning BBC News ({fig['num_train']} training rows, K = {fig['num_groups']}, "
           f"seeds {fig['seeds']}): test accuracy, mean ± std over seeds")
     print(f"full data: {fig['acc_full']:.4f} ± {std['full']:.4f}")
-    print(f"{'pruned':>8}{'dropped':>9}{'GGDA':>18}{'random':>18}")
+    names = ["pruned", "random", *fig["baselines"]]
+    print(f"{'pruned':>8}{'dropped':>9}" + "".join(f"{n if n != 'pruned' else 'GGDA':>18}"
+                                                   for n in names))
     for f in fractions:
         k = key_of(f)
-        print(f"{f:>8.0%}{fig['dropped_fraction'][k]:>9.1%}"
-              f"{fig['acc_pruned_' + k]:>11.4f} ± {std['pruned_' + k]:.4f}"
-              f"{fig['acc_random_' + k]:>11.4f} ± {std['random_' + k]:.4f}")
+        print(f"{f:>8.0%}{fig['dropped_fraction'][k]:>9.1%}" + "".join(
+            f"{fig['acc_' + n + '_' + k]:>11.4f} ± {std[n + '_' + k]:.4f}" for n in names))
     print(f"Wrote {out}/train_scored, {out}/card, {out}/figures.json")
 
 

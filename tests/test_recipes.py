@@ -118,7 +118,8 @@ def test_noisy_labels_quick(tmp_path: Path, restore_globals: None) -> None:
 def test_pruning_quick(tmp_path: Path, restore_globals: None) -> None:
     fig, out = run_quick("pruning", tmp_path)
     check_unit(fig, ["acc_full", "acc_pruned_10", "acc_pruned_20", "acc_pruned_30",
-                     "acc_random_10", "acc_random_20", "acc_random_30"])
+                     "acc_random_10", "acc_random_20", "acc_random_30", "acc_el2n_20",
+                     "acc_loss_20"])
     dropped = fig["dropped_fraction"]
     assert 0.0 < dropped["10"] <= dropped["20"] <= dropped["30"] < 0.5
     check_card(out / "card")
@@ -275,6 +276,18 @@ def test_finetune_with_snapshots_matches_finetune() -> None:
         assert torch.equal(value, final[name])
         assert torch.allclose(value, dict(a.named_parameters())[name], atol=1e-6)
     assert not torch.equal(snaps[0][name], snaps[-1][name])
+
+
+def test_prune_rows_drops_the_highest_scores_within_each_label() -> None:
+    sys.path.insert(0, str(RECIPES))
+    from pruning import prune_rows
+
+    score = np.array([5.0, 1.0, 4.0, 0.0, 3.0, 2.0, 9.0, 8.0])
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    np.testing.assert_array_equal(prune_rows(score, labels, 2, balance=False),
+                                  [0, 1, 2, 3, 4, 5])
+    np.testing.assert_array_equal(prune_rows(score, labels, 2, balance=True),
+                                  [1, 2, 3, 4, 5, 7])
 
 
 def test_out_of_fold_probs_use_held_out_models() -> None:
