@@ -320,3 +320,13 @@ def test_out_of_fold_probs_use_held_out_models() -> None:
         _baselines.predict_probs = original
     assert len(seen) == 3 and all(len(s) in (6, 7) for s in seen)
     assert np.all(probs[:, 0] == 0.0) and np.all(probs[:, 1] == 1.0)  # never its own model
+
+
+def test_llm_chat_cleanup_quick(tmp_path: Path, restore_globals: None) -> None:
+    fig, out = run_quick("llm_chat_cleanup", tmp_path)
+    check_unit(fig, [f"{n}_recall_at_{p}" for n in ("normalised", "raw", "loss", "random")
+                     for p in (10, 20)])
+    assert set(fig["recall_at_20_by_kind"]) == {"wrong", "off-task", "conflict", "format"}
+    assert fig["num_corrupted"] == round(0.2 * fig["num_rows"])
+    assert fig["cost_s"]["normalised_groups"] > 0
+    check_saved(out / "train_scored")
