@@ -44,7 +44,7 @@ from _common import (Timings, base_parser, bbc_splits, detection, parse_sized,  
                      recall_figures, say, select_until, setup_run, write_figures)
 from llm_cleanup import TOPICS, TOY_TOPICS, response_losses, smollm2_files  # noqa: E402
 
-FULL = {"train_rows": 2000, "val_rows": 100, "max_length": 96, "steps": 250, "prompt_words": 40,
+FULL = {"train_rows": 2000, "val_rows": 100, "max_length": 112, "steps": 250, "prompt_words": 25,
         "lr": 1e-3, "factorised_dim": 8}
 QUICK = {"train_rows": 96, "val_rows": 12, "max_length": 48, "steps": 60, "prompt_words": 6,
          "lr": 1e-2, "factorised_dim": 4}
