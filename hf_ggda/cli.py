@@ -156,6 +156,9 @@ def _build_parser() -> argparse.ArgumentParser:
     for name, cfg in sorted(ATTRIBUTOR_TYPE_TO_CONFIG_MAPPING.items()):
         m = s_methods.add_parser(name, help=(cfg.__doc__ or "").strip().splitlines()[0])
         _add_io(m, queries=False)
+        m.add_argument("--drill-down", type=_int_at_least(0), default=0,
+                       help="Also compute row self-influence for the rows of this many groups "
+                            "of highest self-influence.")
         cfg.add_arguments(m, prefix="m_", exclude=("attributor_type",))
     _add_prune_and_card(sub)
     from .cli_sources import add_sources_parser
@@ -167,9 +170,10 @@ def _build_parser() -> argparse.ArgumentParser:
 def _add_prune_and_card(sub: Any) -> None:
     from .pruning import RANKS
 
-    run_help = ("Output folder of `hf-ggda attribute` (its train/ dataset with the group "
-                "column, and scores/).")
-    prune = sub.add_parser("prune", help="Drop the least helpful groups of a scored run.")
+    run_help = ("Output folder of `hf-ggda attribute` (train/ with the group column, and "
+                "scores/) or of `hf-ggda self-influence` (train/ and self_influence/).")
+    prune = sub.add_parser("prune", help="Drop the least helpful groups of an attribute run, "
+                                         "or the groups of highest self-influence.")
     prune.add_argument("--run", required=True, help=run_help)
     prune.add_argument("--fraction", type=float, default=0.2,
                        help="Share of the training rows to drop, in [0, 1).")
@@ -313,7 +317,8 @@ def _attribute(args: argparse.Namespace, with_queries: bool) -> None:
     base = _file_options(args.config, [TaskArgs, cfg_cls])
     config = cfg_cls.from_args(args, {"attributor_type": args.method, **base}, prefix="m_")
     out = Path(args.output)
-    written = [out / "train", out / "scores", out / "queries", out / "ggda_config.json"]
+    written = [out / "train", out / ("scores" if with_queries else "self_influence"),
+               out / "queries", out / "ggda_config.json"]
     query_path = args.queries if with_queries else None
     _check_outputs(written, [args.train, query_path, args.store, args.model, args.adapter,
                              args.config])
@@ -327,22 +332,23 @@ def _attribute(args: argparse.Namespace, with_queries: bool) -> None:
     attributor.fit(train, group_column=args.group_column, store=args.store,
                    overwrite=args.overwrite)
     rank, _ = rank_and_world()
+    result: Any
     if with_queries:
-        scores = attributor.score(queries, self_influence=False)
+        result = attributor.score(queries, self_influence=False)
         if args.drill_down:
-            scores = attributor.refine(scores, top_k=args.drill_down, query_dataset=queries)
-    else:
-        scores = attributor.score(train.select(range(1)), self_influence=True)
-    train_out = scores.to_dataset_columns(train, group_column=args.group_column)
+            result = attributor.refine(result, top_k=args.drill_down, query_dataset=queries)
+    else:  # no query axis: never written as a query score
+        result = attributor.self_influence(drill_top=args.drill_down)
+    train_out = result.to_dataset_columns(train, group_column=args.group_column)
     if rank == 0:  # one writer; every process computed the same scores
         if with_queries:
-            scores.to_query_columns(queries, k=args.top_k).save_to_disk(str(out / "queries"))
+            result.to_query_columns(queries, k=args.top_k).save_to_disk(str(out / "queries"))
         train_out.save_to_disk(str(out / "train"))
-        scores.save_pretrained(str(out / "scores"))
+        result.save_pretrained(str(out / ("scores" if with_queries else "self_influence")))
         config.save_pretrained(str(out))
     barrier()
-    get_logger(__name__).info("Wrote %s (train/, scores/%s).", out,
-                              ", queries/" if with_queries else "")
+    get_logger(__name__).info("Wrote %s (train/, %s).", out,
+                              "scores/, queries/" if with_queries else "self_influence/")
     if rank == 0:
         print(f"Wrote {out}: {len(train_out)} training rows scored over "
               f"{len(attributor.group_ids)} groups.")
@@ -376,14 +382,25 @@ def _group(args: argparse.Namespace) -> None:
 
 
 def _load_run(run: str) -> tuple[Any, Any]:
+    """(train rows, GroupScores or SelfInfluence) of a run folder.
+
+    Raises:
+        FileNotFoundError: Neither scores/ nor self_influence/ is in the folder.
+        ScoresFileError: The result files fail their checks.
+    """
     from .scores import GroupScores
+    from .self_influence import SelfInfluence
 
     folder = Path(run)
-    if not (folder / "scores").is_dir():
-        raise FileNotFoundError(f"No scores/ folder in {run!r}: pass the --output folder of "
-                                "`hf-ggda attribute` or `hf-ggda self-influence`.")
+    found = [name for name in ("scores", "self_influence") if (folder / name).is_dir()]
+    if len(found) != 1:
+        raise FileNotFoundError(
+            f"{'Both' if found else 'Neither'} scores/ {'and' if found else 'nor'} "
+            f"self_influence/ in {run!r}: pass the --output folder of one `hf-ggda attribute` "
+            "or `hf-ggda self-influence` run.")
+    loader = GroupScores if found[0] == "scores" else SelfInfluence
     return _read_data(str(folder / "train"), "--run train/"), \
-        GroupScores.from_pretrained(folder / "scores")
+        loader.from_pretrained(folder / found[0])
 
 
 def _prune(args: argparse.Namespace) -> None:
@@ -398,6 +415,8 @@ def _prune(args: argparse.Namespace) -> None:
     save_dataset_atomic(res.kept, out / "kept")
     save_dataset_atomic(res.dropped, out / "dropped")
     report = {"fraction": args.fraction, "rank": args.rank,
+              "ranked_by": "self-influence (highest dropped first)"
+              if scores.query_mode == "self" else "group score (least helpful dropped first)",
               "balance_column": args.balance_column, "rows": len(train),
               "kept_rows": len(res.kept), "dropped_fraction": res.dropped_fraction,
               "dropped_groups": [str(g) for g in res.dropped_groups]}

@@ -6,6 +6,10 @@ total, and dropped least helpful first until a share of the rows is gone. A grou
 overshoot that budget by more than half its size is skipped, so the dropped share stays close
 to the target with uneven group sizes. With a balance column (e.g. the label, when groups are
 made within labels) the budget applies to each of its values separately.
+
+A :class:`~hf_ggda.self_influence.SelfInfluence` result prunes the other way round: groups of
+*highest* self-influence (data the model finds most surprising) go first; no query score is
+read.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from datasets import Dataset
 
 from .errors import GroupingError, MissingColumnError
 from .scores import GroupScores
+from .self_influence import SelfInfluence
 
 RANKS = ("per-row", "total")
 
@@ -91,14 +96,15 @@ class PruneResult:
     dropped_fraction: float
 
 
-def prune_dataset(train: Dataset, scores: GroupScores, fraction: float,
+def prune_dataset(train: Dataset, scores: GroupScores | SelfInfluence, fraction: float,
                   rank: str = "per-row", balance_column: Optional[str] = None,
                   group_column: Optional[str] = None) -> PruneResult:
     """Drop the least helpful groups of ``train`` (about ``fraction`` of its rows).
 
     Args:
         train: The grouped training rows the scores were computed for.
-        scores: Group scores; they are summed over the queries.
+        scores: Group scores (summed over the queries; least helpful dropped first), or a
+            self-influence result (highest self-influence dropped first).
         fraction: Share of rows to drop, in [0, 1).
         rank: ``"per-row"`` or ``"total"`` (see :func:`prune_order`).
         balance_column: Budget the share within each value of this column (each group must
@@ -134,6 +140,8 @@ def prune_dataset(train: Dataset, scores: GroupScores, fraction: float,
             raise GroupingError(f"Some groups mix values of {balance_column!r}; group within "
                                 f"it (per_class) or prune without a balance column.")
     totals = scores.aggregated().double().numpy()
+    if isinstance(scores, SelfInfluence):  # most surprising first
+        totals = -totals
     safe = np.where(sizes > 0, sizes, 1.0)
     order = [k for k in prune_order(totals, safe, rank) if sizes[k] > 0]
     drop = choose_groups(np.array(order, dtype=np.int64), sizes, fraction, owner)

@@ -13,7 +13,6 @@ dataset the attributor was fitted on).
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -21,12 +20,12 @@ from typing import Any, Optional, Sequence
 
 import torch
 from datasets import Dataset, List, Value
-from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from . import SIGN_CONVENTION
 from .errors import MissingColumnError, ScoresFileError
 from .logging import get_logger
+from .result_files import ResultFormat, check_ids, read_result
 from .store import atomic_write_bytes
 
 logger = get_logger(__name__)
@@ -36,8 +35,6 @@ META_FILE = "scores.json"
 QUERY_MODES = ("rows", "groups", "sum")
 #: Version of the files written by :meth:`GroupScores.save_pretrained`.
 FORMAT_VERSION = 1
-#: Tensors a scores file may hold (``matrix`` is required).
-_TENSORS = ("matrix", "self_influence", "point_scores")
 
 #: Names of the columns written by :meth:`GroupScores.to_dataset_columns`.
 GROUP_SCORE_COLUMN = "ggda_group_score"
@@ -343,15 +340,8 @@ class GroupScores:
                 that fails the schema, or lengths that do not match the matrix.
         """
         path = Path(save_directory)
-        for name in (SCORES_FILE, META_FILE):
-            if not (path / name).is_file():
-                raise FileNotFoundError(f"{str(path / name)!r} not found: not a folder written "
-                                        "by GroupScores.save_pretrained.")
-        meta = _read_meta(path / META_FILE)
-        try:
-            tensors = st_load((path / SCORES_FILE).read_bytes())
-        except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
-            raise _bad(path / SCORES_FILE, f"it cannot be read as safetensors ({err})") from None
+        meta, tensors = read_result(path, _FORMAT)
+        _check_meta(path / META_FILE, meta)
         _check_tensors(path / SCORES_FILE, tensors)
         if ("point_scores" in tensors) != (meta["point_rows"] is not None):
             raise _bad(path, "point_scores and point_rows must both be saved or both absent")
@@ -374,81 +364,38 @@ class GroupScores:
 
 
 
+_FORMAT = ResultFormat(
+    what="scores file", version=FORMAT_VERSION, tensors_file=SCORES_FILE, meta_file=META_FILE,
+    schema={"group_ids": ((list,), False), "query_ids": ((list,), False),
+            "config": ((dict,), False), "fingerprints": ((dict,), False),
+            "sign_convention": ((str,), False), "query_mode": ((str,), False),
+            "group_column": ((str,), False), "query_group_column": ((str,), True),
+            "point_rows": ((list,), True), "point_groups": ((list,), True),
+            "point_key": ((str,), True)},
+    required_tensors=("matrix",), optional_tensors=("self_influence", "point_scores"),
+    fix="Restore the folder from the run that wrote it, or re-run the attribution to write "
+        "it again (it is never repaired in place).")
+
+
 def _bad(path: Path, problem: str) -> ScoresFileError:
-    return ScoresFileError(
-        f"The scores file {str(path)!r} cannot be trusted: {problem}. Restore the folder from "
-        "the run that wrote it, or re-run the attribution to write it again (it is never "
-        "repaired in place).")
+    return _FORMAT.error(path, problem)
 
 
-def _refuse_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number")
-
-
-def _scalar_ok(value: Any, kinds: tuple[type, ...]) -> bool:
-    if isinstance(value, bool) or not isinstance(value, kinds):
-        return False
-    return not isinstance(value, float) or math.isfinite(value)
-
-
-def _read_meta(path: Path) -> dict[str, Any]:
-    """Read and validate ``scores.json`` against the schema of format version 1."""
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"), parse_constant=_refuse_constant)
-    except (UnicodeDecodeError, ValueError) as err:
-        raise _bad(path, f"it is not valid JSON ({err})") from None
-    if not isinstance(meta, dict):
-        raise _bad(path, f"it holds a JSON {type(meta).__name__}, not an object")
-    version = meta.get("format_version")
-    if isinstance(version, bool) or version != FORMAT_VERSION:
-        raise ScoresFileError(
-            f"The scores file {str(path)!r} has format_version {version!r}; this hf_ggda "
-            f"reads version {FORMAT_VERSION}. Upgrade hf_ggda to read it, or re-run the "
-            "attribution to write it again.")
-    schema: dict[str, tuple[tuple[type, ...], bool]] = {  # field: (types, may be null)
-        "group_ids": ((list,), False), "query_ids": ((list,), False),
-        "config": ((dict,), False), "fingerprints": ((dict,), False),
-        "sign_convention": ((str,), False), "query_mode": ((str,), False),
-        "group_column": ((str,), False), "query_group_column": ((str,), True),
-        "point_rows": ((list,), True), "point_groups": ((list,), True),
-        "point_key": ((str,), True), "format_version": ((int,), False)}
-    unknown = sorted(set(meta) - set(schema))
-    missing = sorted(set(schema) - set(meta))
-    if unknown or missing:
-        raise _bad(path, f"unknown fields {unknown}, missing fields {missing}")
-    for key, (kinds, nullable) in schema.items():
-        value = meta[key]
-        if not (value is None and nullable) and not isinstance(value, kinds):
-            raise _bad(path, f"field {key!r} must be {' or '.join(k.__name__ for k in kinds)}"
-                             f"{' or null' if nullable else ''}, got {value!r:.100}")
+def _check_meta(path: Path, meta: dict[str, Any]) -> None:
+    """Checks of ``scores.json`` beyond the schema: query mode and ids."""
     if meta["query_mode"] not in QUERY_MODES:
         raise _bad(path, f"query_mode {meta['query_mode']!r} is not one of {QUERY_MODES}")
     if meta["query_mode"] == "groups" and meta["query_group_column"] is None:
         raise _bad(path, "query_mode 'groups' needs a query_group_column")
-    ids = {"group_ids": (int, str, float), "query_ids": (int, str, float),
-           "point_rows": (int, str), "point_groups": (int, str, float)}
-    for key, kinds in ids.items():
-        values = meta[key] or []
-        bad = [v for v in values if not _scalar_ok(v, kinds)]
-        if bad:
-            raise _bad(path, f"{key} must hold finite numbers or strings, got {bad[:5]!r:.100}")
-    for key in ("group_ids", "point_rows"):
-        values = meta[key] or []
-        if len(set(values)) != len(values):
-            raise _bad(path, f"{key} holds duplicate ids")
+    check_ids(path, _FORMAT, meta, {"group_ids": (int, str, float),
+                                    "query_ids": (int, str, float),
+                                    "point_rows": (int, str),
+                                    "point_groups": (int, str, float)},
+              unique=("group_ids", "point_rows"))
     if (meta["point_rows"] is None) != (meta["point_groups"] is None):
         raise _bad(path, "point_rows and point_groups must both be present or both null")
-    meta.pop("format_version")
-    return meta
 
 
 def _check_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    unknown = sorted(set(tensors) - set(_TENSORS))
-    if unknown or "matrix" not in tensors:
-        raise _bad(path, f"it must hold a 'matrix' tensor (and optionally self_influence, "
-                         f"point_scores); it holds {sorted(tensors)}")
-    for name, value in tensors.items():
-        if not value.is_floating_point():
-            raise _bad(path, f"tensor {name!r} has dtype {value.dtype}, not floating point")
     if tensors["matrix"].dim() != 2:
         raise _bad(path, f"'matrix' must be 2-D, got shape {tuple(tensors['matrix'].shape)}")

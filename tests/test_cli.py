@@ -53,7 +53,20 @@ def test_group_then_attribute(saved_model, capsys):
     assert main(["self-influence", "influence", "--model", str(d / "base"), "--adapter",
                  str(d / "adapter"), "--train", str(d / "grouped"), "--output",
                  str(d / "self"), "--max-length", "16", "--store", str(d / "store")]) == 0
-    assert None not in load_from_disk(str(d / "self" / "train"))["ggda_self_influence"]
+    self_train = load_from_disk(str(d / "self" / "train"))
+    assert None not in self_train["ggda_self_influence"]
+    # no query axis: no query-based group score, and its own result folder
+    assert "ggda_group_score" not in self_train.column_names
+    assert (d / "self" / "self_influence").is_dir() and not (d / "self" / "scores").exists()
+    assert main(["prune", "--run", str(d / "self"), "--fraction", "0.2", "--rank", "total",
+                 "--output", str(d / "pruned")]) == 0
+    report = json.loads((d / "pruned" / "pruning.json").read_text())
+    assert report["ranked_by"].startswith("self-influence")
+    top = max(zip(self_train["ggda_self_influence"], self_train["group_id"]))[1]
+    assert str(top) == report["dropped_groups"][0]  # highest self-influence goes first
+    assert main(["card", "--run", str(d / "self"), "--output", str(d / "card")]) == 0
+    card = (d / "card" / "README.md").read_text()
+    assert "Highest self-influence" in card and "Most helpful groups" not in card
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -154,7 +167,7 @@ def test_prune_and_card_from_an_attribute_run(saved_model, capsys):
     readme = (d / "card" / "README.md").read_text()
     assert "tiny-bert" in readme and (d / "card" / "score_distribution.png").stat().st_size > 0
     assert main(["card", "--run", str(d), "--output", str(d / "card2")]) == 2
-    assert "No scores/ folder" in capsys.readouterr().err
+    assert "Neither scores/ nor self_influence/" in capsys.readouterr().err
 
 
 def test_sources_ranks_named_sources(saved_model, capsys):

@@ -25,7 +25,7 @@ import contextlib
 import os
 from abc import ABC
 from collections import OrderedDict
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import (TYPE_CHECKING, Any, Callable, ClassVar, ContextManager, Iterator, Mapping, Optional,
                     Sequence, Union)
@@ -45,9 +45,10 @@ from ..gradients.taps import PassTap
 from ..logging import get_logger
 from ..params import ParameterSelection
 from ..scores import GroupScores
-from ..tasks import GROUP_COLUMN, ROW_COLUMN, AttributionTask
+from ..tasks import GROUP_COLUMN, AttributionTask
 from .checkpoints import Checkpoint
 from ..curvature.mix import CurvatureData, resolve_curvature_dataset
+from .drilldown import SelfAndDrillMixin
 from .normalise import check_normalize, normalise_rows, row_weights
 
 if TYPE_CHECKING:
@@ -180,7 +181,7 @@ class _Fit:
     task_config: dict[str, Any] = field(default_factory=dict)
 
 
-class Attributor(ABC):
+class Attributor(SelfAndDrillMixin, ABC):
     """Base class: fit on training groups, score queries, self-influence, drill-down.
 
     Args:
@@ -579,90 +580,6 @@ class Attributor(ABC):
             sign_convention=SIGN_CONVENTION, query_mode=mode, group_column=state.group_column,
             query_group_column=query_group_column)
         return scores.with_self_influence(self.self_scores()) if self_influence else scores
-
-    def self_scores(self) -> torch.Tensor:
-        """Return each group's influence on its own summed loss, g_Gᵀ M⁻¹ g_G (K,).
-
-        This is the diagonal of the train-vs-train scores
-        ``score(train, query_group_column=group_column)`` (for TRAK the measured function is
-        the output function of its own rows).
-
-        Raises:
-            NotFittedError: :meth:`fit` was not called.
-        """
-        state = self._require_fit()
-        if state.self_scores is None:
-            total = torch.zeros(len(state.group_ids), dtype=state.parts[0].raw.dtype)
-            for c, (comp, part) in enumerate(zip(self.components, state.parts)):
-                with comp.activate(self.model):
-                    own = part.raw if self.self_fn() == self.train_fn() else \
-                        self._engine(c, comp).group_gradients(
-                            state.dataset, state.group_column, fn=self.self_fn()).gradients
-                    own = self._transform(part, own, "query")
-                total += comp.weight * (own * part.train).sum(1).detach().cpu()
-            state.self_scores = total
-        return state.self_scores.clone()
-
-    def refine(self, scores: GroupScores, top_k: int = 5, query_index: Optional[int] = None,
-               group_ids: Optional[Sequence[Any]] = None, row_column: Optional[str] = None,
-               query_dataset: Optional[Dataset] = None) -> GroupScores:
-        """Drill down: re-score the rows of chosen groups at point level.
-
-        Only the chosen rows get per-example gradients; the query side is reused from
-        :meth:`score` (or recomputed from ``query_dataset``).
-
-        Args:
-            scores: Scores returned by :meth:`score` of this attributor.
-            top_k: Drill into this many top groups (by ``query_index``'s scores, or summed).
-            query_index: Rank groups by this query's scores (None: summed over queries).
-            group_ids: Drill into exactly these groups instead.
-            row_column: Column of row keys for the result (default: ``__ggda_row__`` when
-                present, else row positions in the fitted dataset).
-            query_dataset: The scored queries, needed when their gradients are not cached.
-
-        Returns:
-            A copy of ``scores`` with ``point_scores`` (m × R) for the R chosen rows.
-
-        Raises:
-            NotFittedError: :meth:`fit` was not called.
-            ValueError: ``scores`` come from another fit, unknown group ids, or the query
-                gradients are neither cached nor given.
-            MissingColumnError: ``row_column`` is absent.
-        """
-        state = self._require_fit()
-        if list(scores.group_ids) != list(state.group_ids):
-            raise ValueError("These scores were not produced by this attributor's current fit.")
-        chosen = list(group_ids) if group_ids is not None else \
-            [g for g, _ in scores.top_k(query_index, top_k)]
-        unknown = set(chosen) - set(state.group_ids)
-        if unknown:
-            raise ValueError(f"Unknown group ids {sorted(map(str, unknown))[:10]}.")
-        vectors = self._query_cache.get(scores.fingerprints.get("query", ""))
-        if vectors is None:
-            if query_dataset is None:
-                raise ValueError("The query gradients of these scores are no longer cached; "
-                                 "pass query_dataset= (the rows that were scored).")
-            vectors, _, _ = self._query_vectors(query_dataset, scores.query_mode,
-                                                scores.query_group_column)
-        values = list(state.dataset[state.group_column])
-        wanted = set(chosen)
-        rows = [i for i, g in enumerate(values) if g in wanted]
-        subset = state.dataset.select(rows)
-        train = []
-        for c, (comp, part) in enumerate(zip(self.components, state.parts)):
-            with comp.activate(self.model):
-                grads = self._engine(c, comp).per_example_gradients(subset, fn=self.train_fn())
-                rows_vec = normalise_rows(grads.gradients, self.config.normalize,
-                                          part.preconditioner)
-                train.append(self._transform(part, rows_vec, "train"))
-        point = self._combine(vectors, train).detach().cpu()
-        key = row_column or (ROW_COLUMN if ROW_COLUMN in state.dataset.column_names else None)
-        if key is not None and key not in subset.column_names:
-            raise MissingColumnError(key, subset.column_names, role="row id column")
-        keys = list(subset[key]) if key is not None else rows
-        logger.info("Drill-down: %d rows of %d groups.", len(rows), len(chosen))
-        return replace(scores, point_scores=point, point_rows=keys,
-                       point_groups=[values[i] for i in rows], point_key=key)
 
 
 def _row_vectors(vectors: torch.Tensor, rows: np.ndarray,

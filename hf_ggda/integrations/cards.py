@@ -35,6 +35,7 @@ from ..errors import MissingColumnError
 from ..fingerprint import hash_json
 from ..logging import get_logger
 from ..scores import GroupScores
+from ..self_influence import SelfInfluence
 from ..store import atomic_write_bytes
 
 logger = get_logger(__name__)
@@ -297,7 +298,7 @@ def _examples(train: Dataset, rows: list[int], text_column: str, label_column: s
     return out
 
 
-def build_attribution_card(scores: GroupScores, train_dataset: Dataset, *,
+def build_attribution_card(scores: GroupScores | SelfInfluence, train_dataset: Dataset, *,
                            model: Any = None, model_name: Optional[str] = None,
                            query_dataset: Optional[Dataset] = None,
                            grouping: Optional[str] = None, group_column: Optional[str] = None,
@@ -330,6 +331,7 @@ def build_attribution_card(scores: GroupScores, train_dataset: Dataset, *,
         raise MissingColumnError(column, train_dataset.column_names, role="group column")
     cfg = scores.config
     method = str(cfg.get("attributor_type", "unknown"))
+    self_mode = scores.query_mode == "self"  # a SelfInfluence result: no query axis
     totals = scores.aggregated().double().numpy()
     rows = _group_rows(train_dataset, column)
     sizes = np.array([len(rows.get(g, [])) for g in scores.group_ids])
@@ -349,7 +351,9 @@ def build_attribution_card(scores: GroupScores, train_dataset: Dataset, *,
     picked = top + bottom[::-1]
     images[BAR_CHART_FILE] = bar_chart_png(
         [f"group {_plot_text(g)} (n={len(rows.get(g, []))})" for g, _ in picked],
-        [v for _, v in picked], f"Most helpful and most harmful of {scores.num_groups} groups")
+        [v for _, v in picked],
+        f"Highest and lowest self-influence of {scores.num_groups} groups" if self_mode
+        else f"Most helpful and most harmful of {scores.num_groups} groups")
     curve_items = []
     for name, spec in (curves or {}).items():
         curve = spec if isinstance(spec, Curve) else Curve(spec[0], spec[1])
@@ -392,7 +396,7 @@ def build_attribution_card(scores: GroupScores, train_dataset: Dataset, *,
         config_json=config_json, config_fence=_fence(config_json),
         histogram_file=HISTOGRAM_FILE, bar_chart_file=BAR_CHART_FILE,
         top_groups=describe(top), bottom_groups=describe(bottom), curves=curve_items,
-        limits=list(DEFAULT_LIMITS) + list(limits))
+        limits=list(DEFAULT_LIMITS) + list(limits), self_influence=self_mode)
     if projection:
         context["limits"].append(f"Gradients were randomly projected to "
                                  f"{md_text(projection, 20)} "
@@ -404,13 +408,15 @@ def build_attribution_card(scores: GroupScores, train_dataset: Dataset, *,
     return card, images
 
 
-def write_attribution_card(output_dir: str | os.PathLike[str], scores: GroupScores,
+def write_attribution_card(output_dir: str | os.PathLike[str],
+                           scores: GroupScores | SelfInfluence,
                            train_dataset: Dataset, **kwargs: Any) -> Path:
     """Write README.md (a Hub card with YAML metadata) and its PNG plots into a folder.
 
     Args:
         output_dir: Target folder (created if needed).
-        scores: The attribution scores.
+        scores: The attribution scores, or a self-influence result (its own sections:
+            groups of highest and lowest self-influence, no query fields).
         train_dataset: The grouped training rows (for group sizes and example rows).
         **kwargs: Options of :func:`build_attribution_card`: ``model`` / ``model_name``,
             ``query_dataset``, ``grouping`` (a description), ``group_column``,
