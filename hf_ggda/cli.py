@@ -164,6 +164,9 @@ def _build_parser() -> argparse.ArgumentParser:
     from .cli_sources import add_sources_parser
 
     add_sources_parser(sub)
+    from .cli_examples import add_examples
+
+    add_examples(parser)
     return parser
 
 
@@ -356,6 +359,9 @@ def _attribute(args: argparse.Namespace, with_queries: bool) -> None:
 
 def _group(args: argparse.Namespace) -> None:
     from .grouping import GROUPERS, get_grouper
+    from .grouping.base import skew_warning
+
+    import numpy as np
     from .integrations.distributed import barrier, rank_and_world
 
     config_class = GROUPERS[args.grouper].config_class
@@ -379,6 +385,9 @@ def _group(args: argparse.Namespace) -> None:
         print(f"Wrote {args.output}: {report.num_rows} rows in {report.num_groups} groups "
               f"(sizes {report.size_min}..{report.size_max}, median "
               f"{report.size_median}).")
+        warning = skew_warning(np.asarray(report.sizes), hasattr(config, "balanced"))
+        if warning:
+            print(f"hf-ggda: warning: {warning}", file=sys.stderr)
 
 
 def _load_run(run: str) -> tuple[Any, Any]:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import shlex
 from pathlib import Path
 
 import pytest
 from datasets import load_from_disk
 
+from hf_ggda import cli
 from hf_ggda.cli import main
 from hf_ggda.testing import tiny_lora, tiny_model, tiny_tokenizer, toy_dataset
 
@@ -194,3 +197,25 @@ def test_sources_ranks_named_sources(saved_model, capsys):
                  str(d / "train"), "--source-column", "origin", "--output", str(d / "src3"),
                  "--max-length", "16"]) == 2
     assert "at least two sources" in capsys.readouterr().err
+
+
+def _leaf_commands(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        yield path, parser
+    for action in subs:
+        for name, child in action.choices.items():
+            yield from _leaf_commands(child, path + (name,))
+
+
+def test_every_command_help_ends_with_an_example_that_parses() -> None:
+    parser = cli._build_parser()
+    leaves = list(_leaf_commands(parser))
+    assert len(leaves) >= 10
+    for path, leaf in leaves:
+        text = leaf.format_help()
+        assert "example (after `hf-ggda demo`)" in text, path
+        line = text.rsplit("example (after `hf-ggda demo`):", 1)[1].strip()
+        argv = shlex.split(line)
+        assert argv[0] == "hf-ggda" and tuple(argv[1:1 + len(path)]) == path, (path, line)
+        parser.parse_args(argv[1:])  # every flag of the example exists (SystemExit otherwise)

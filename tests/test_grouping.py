@@ -461,3 +461,30 @@ def test_bbc_grad_kmeans_is_most_coherent() -> None:
                for name in ("random", "kmeans-repr", "grad-kmeans")}
     coh = compare_groupings(GradientEngine(lm, bbc_task), grouped, sample=128, seed=0)
     assert coh["grad-kmeans"].mean > coh["kmeans-repr"].mean > coh["random"].mean, coh
+
+
+def test_skewed_group_sizes_warn_with_the_fix() -> None:
+    import numpy as np
+
+    from hf_ggda.grouping.base import skew_warning
+
+    skewed = np.array([182, 3, 3, 3, 2, 2, 1, 4])  # the README example's shape
+    text = skew_warning(skewed)
+    assert text is not None and "91% of the rows" in text and "--balanced" in text
+    assert "max_size=50" in text  # twice the mean size
+    assert "more even sizes" in (skew_warning(skewed, can_balance=False) or "")
+    assert skew_warning(np.array([25] * 8)) is None
+    assert skew_warning(np.array([30, 20, 25, 25, 22, 28, 24, 26])) is None
+    assert skew_warning(np.array([100, 1, 1])) is None  # K < 4: nothing to compare
+
+
+def test_cli_group_prints_the_skew_warning(tmp_path, capsys) -> None:
+    from hf_ggda.cli import main
+    from hf_ggda.testing import toy_dataset
+
+    data = toy_dataset(30).add_column("src", [0] * 24 + [1, 2, 3, 4, 5, 6])
+    data.save_to_disk(str(tmp_path / "d"))
+    assert main(["group", "column", "--data", str(tmp_path / "d"), "--output",
+                 str(tmp_path / "g"), "--column", "src"]) == 0
+    err = capsys.readouterr().err
+    assert "hf-ggda: warning: group sizes are very uneven" in err and "80% of the rows" in err

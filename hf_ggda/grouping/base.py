@@ -183,6 +183,33 @@ def size_report(ids: np.ndarray, k: int) -> dict[str, Any]:
             "size_counts": {int(s): int(c) for s, c in zip(uniq, counts)}}
 
 
+def skew_warning(sizes: np.ndarray, can_balance: bool = True) -> Optional[str]:
+    """A warning with the fix when group sizes are too uneven to compare groups, else None.
+
+    Groups are "too uneven" when, with K >= 4, the largest group holds more than four times
+    the mean size or the median group less than a quarter of it (e.g. one group of 182 rows
+    beside singletons): group scores then mostly measure size.
+
+    Args:
+        sizes: (K,) group sizes.
+        can_balance: Whether the grouper has ``balanced`` / ``max_size`` settings.
+    """
+    k = len(sizes)
+    if k < 4 or not sizes.sum():
+        return None
+    mean = float(sizes.mean())
+    if sizes.max() <= 4 * mean and np.median(sizes) >= mean / 4:
+        return None
+    share = float(sizes.max()) / float(sizes.sum())
+    fix = ("set balanced=True (CLI: --balanced) for sizes floor(n/K)..ceil(n/K), or "
+           f"max_size={int(np.ceil(2 * mean))} (CLI: --max-size {int(np.ceil(2 * mean))}) to "
+           "cap them" if can_balance else "use a grouping with more even sizes")
+    return (f"group sizes are very uneven (min/median/max = {int(sizes.min())}/"
+            f"{np.median(sizes):g}/{int(sizes.max())}, mean {mean:.3g}; the largest group holds "
+            f"{100 * share:.0f}% of the rows, {int((sizes <= 2).sum())} groups hold <= 2): "
+            f"group scores will mostly measure size. To fix: {fix}.")
+
+
 class Grouper(ABC):
     """Partitions a dataset's rows into K groups, written as an integer ``group_id`` column.
 
@@ -284,6 +311,9 @@ class Grouper(ABC):
         sizes = np.bincount(result.ids, minlength=result.num_groups)
         logger.info("%s grouping: n=%d rows into K=%d groups (sizes %d..%d).", self.name,
                     len(dataset), result.num_groups, sizes.min(), sizes.max())
+        warning = skew_warning(sizes, hasattr(self.config, "balanced"))
+        if warning:
+            logger.warning("%s grouping: %s", self.name, warning)
         return out
 
     def describe(self, engine: Optional["GradientEngine"] = None,
