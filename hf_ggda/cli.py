@@ -164,6 +164,9 @@ def _build_parser() -> argparse.ArgumentParser:
     from .cli_sources import add_sources_parser
 
     add_sources_parser(sub)
+    from .viewer.cli import add_view_parser
+
+    add_view_parser(sub)
     from .cli_examples import add_examples
 
     add_examples(parser)
@@ -483,6 +486,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from .cli_sources import run_sources
 
             run_sources(args)
+        elif args.command == "view":
+            from .viewer.cli import run_view
+
+            run_view(args)
         else:
             _attribute(args, with_queries=args.command == "attribute")
     except KeyboardInterrupt:

@@ -50,6 +50,8 @@ def example(path: tuple[str, ...]) -> str:
     if head == "prune":
         return ("hf-ggda prune --run runs/influence --fraction 0.2 --balance-column label "
                 "--output runs/pruned")
+    if head == "view":
+        return "hf-ggda view outputs/demo --port 7860"
     if head == "card":
         return ('hf-ggda card --run runs/influence --output runs/card --model-name '
                 '"MiniLM-L6 + LoRA (demo)"')

@@ -196,3 +196,7 @@ class ModelLoadError(GGDAError, ValueError):
 class ChatFormatError(GGDAError, ValueError):
     """Chat-formatted rows cannot be encoded: no chat template, malformed ``messages``, no
     assistant turn to train on, or a template whose prefixes are not prefixes of the whole."""
+
+
+class RunFolderError(GGDAError, ValueError):
+    """A folder that is not a run the viewer can open (no training rows, no groups, no queries)."""

@@ -12,6 +12,7 @@ from datasets import load_from_disk
 
 from hf_ggda import cli
 from hf_ggda.cli import main
+from hf_ggda.viewer import open_run
 from hf_ggda.testing import tiny_lora, tiny_model, tiny_tokenizer, toy_dataset
 
 
@@ -35,6 +36,8 @@ def test_demo_quick_writes_scored_dataset(tmp_path, capsys):
     assert {"ggda_group_score", "ggda_group_rank", "ggda_self_influence"} <= \
         set(train.column_names)
     assert "Most helpful groups" in capsys.readouterr().out
+    view = open_run(tmp_path / "demo")  # the demo's run opens in `hf-ggda view`
+    assert view.mode == "query" and len(view.query_choices()) == summary["queries"]
 
 
 def test_group_then_attribute(saved_model, capsys):

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 import pytest
 
+from hf_ggda.viewer import open_run
+
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 
@@ -62,6 +64,8 @@ def run_quick(name: str, tmp_path: Path, *extra: str) -> tuple[dict[str, Any], P
     figures = json.loads(path.read_text())
     assert json.loads((out / "figures.json").read_text()) == figures
     assert set(figures) == set(returned)
+    view = open_run(out)  # every recipe's output opens in `hf-ggda view`
+    assert len(view.group_table()) >= 2 and len(view.rows) > 0
     return figures, out
 
 
