@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable, NoReturn, Optional, Sequence
 
 from .config import CLASS_KEY, ConfigMixin, check_known_keys, read_json_options
 from .errors import (DataFileError, GGDAError, MissingColumnError, ModelLoadError,
-                     OutputPathError)
+                     OutputPathError, RunFolderError)
 
 
 @dataclass
@@ -316,15 +316,14 @@ def _load(args: argparse.Namespace, base: dict[str, Any]) -> tuple[Any, Any]:
 
 def _attribute(args: argparse.Namespace, with_queries: bool) -> None:
     from .attributors import ATTRIBUTOR_TYPE_TO_CONFIG_MAPPING, get_attributor
-    from .integrations.distributed import barrier, rank_and_world
-    from .logging import get_logger
+    from .integrations.distributed import rank_and_world
+    from .pipeline import RunWriter, score_queries, score_self
 
     cfg_cls = ATTRIBUTOR_TYPE_TO_CONFIG_MAPPING[args.method]
     base = _file_options(args.config, [TaskArgs, cfg_cls])
     config = cfg_cls.from_args(args, {"attributor_type": args.method, **base}, prefix="m_")
     out = Path(args.output)
-    written = [out / "train", out / ("scores" if with_queries else "self_influence"),
-               out / "queries", out / "ggda_config.json"]
+    written = [out]
     query_path = args.queries if with_queries else None
     _check_outputs(written, [args.train, query_path, args.store, args.model, args.adapter,
                              args.config])
@@ -337,25 +336,19 @@ def _attribute(args: argparse.Namespace, with_queries: bool) -> None:
     attributor = get_attributor(model, task, config)
     attributor.fit(train, group_column=args.group_column, store=args.store,
                    overwrite=args.overwrite)
-    rank, _ = rank_and_world()
-    result: Any
-    if with_queries:
-        result = attributor.score(queries, self_influence=False)
-        if args.drill_down:
-            result = attributor.refine(result, top_k=args.drill_down, query_dataset=queries)
-    else:  # no query axis: never written as a query score
-        result = attributor.self_influence(drill_top=args.drill_down)
-    train_out = result.to_dataset_columns(train, group_column=args.group_column)
-    if rank == 0:  # one writer; every process computed the same scores
+    with RunWriter(out, kind=args.command, config=config.to_dict()) as run:
         if with_queries:
-            result.to_query_columns(queries, k=args.top_k).save_to_disk(str(out / "queries"))
-        train_out.save_to_disk(str(out / "train"))
-        result.save_pretrained(str(out / ("scores" if with_queries else "self_influence")))
-        config.save_pretrained(str(out))
-    barrier()
-    get_logger(__name__).info("Wrote %s (train/, %s).", out,
-                              "scores/, queries/" if with_queries else "self_influence/")
-    if rank == 0:
+            result, train_out, query_out = score_queries(
+                attributor, train, queries, group_column=args.group_column,
+                drill_down=args.drill_down, top_k=args.top_k)
+            run.dataset("queries", query_out)
+        else:  # no query axis: never written as a query score
+            result, train_out = score_self(attributor, train, group_column=args.group_column,
+                                           drill_down=args.drill_down)
+        run.dataset("train", train_out)
+        run.result("scores" if with_queries else "self_influence", result)
+        run.attributor_config(config)
+    if rank_and_world()[0] == 0:
         print(f"Wrote {out}: {len(train_out)} training rows scored over "
               f"{len(attributor.group_ids)} groups.")
 
@@ -365,7 +358,8 @@ def _group(args: argparse.Namespace) -> None:
     from .grouping.base import skew_warning
 
     import numpy as np
-    from .integrations.distributed import barrier, rank_and_world
+    from .integrations.distributed import rank_and_world
+    from .pipeline import write_dataset
 
     config_class = GROUPERS[args.grouper].config_class
     with_model = bool(getattr(args, "model", None))
@@ -380,9 +374,7 @@ def _group(args: argparse.Namespace) -> None:
         _validate(task, model, data)
     grouper = get_grouper(args.grouper, config=config)
     grouped = grouper.assign(data, model=model, task=task)
-    if rank_and_world()[0] == 0:
-        grouped.save_to_disk(args.output)
-    barrier()
+    write_dataset(grouped, args.output)
     report = grouper.describe()
     if rank_and_world()[0] == 0:
         print(f"Wrote {args.output}: {report.num_rows} rows in {report.num_groups} groups "
@@ -397,58 +389,55 @@ def _load_run(run: str) -> tuple[Any, Any]:
     """(train rows, GroupScores or SelfInfluence) of a run folder.
 
     Raises:
-        FileNotFoundError: Neither scores/ nor self_influence/ is in the folder.
+        RunFolderError: Not a complete run folder, or one without a result.
         ScoresFileError: The result files fail their checks.
     """
-    from .scores import GroupScores
-    from .self_influence import SelfInfluence
+    from .pipeline import read_run
 
-    folder = Path(run)
-    found = [name for name in ("scores", "self_influence") if (folder / name).is_dir()]
-    if len(found) != 1:
-        raise FileNotFoundError(
-            f"{'Both' if found else 'Neither'} scores/ {'and' if found else 'nor'} "
-            f"self_influence/ in {run!r}: pass the --output folder of one `hf-ggda attribute` "
-            "or `hf-ggda self-influence` run.")
-    loader = GroupScores if found[0] == "scores" else SelfInfluence
-    return _read_data(str(folder / "train"), "--run train/"), \
-        loader.from_pretrained(folder / found[0])
+    contents = read_run(run)
+    if "train" not in contents.datasets or len(contents.results) != 1:
+        raise RunFolderError(
+            f"{run!r} is a {contents.kind!r} run without one result and its train/ rows: pass "
+            "the --output folder of one `hf-ggda attribute` or `hf-ggda self-influence` run.")
+    return contents.datasets["train"], next(iter(contents.results.values()))
 
 
 def _prune(args: argparse.Namespace) -> None:
-    from .integrations.hub import save_dataset_atomic
+    from .pipeline import RunWriter
     from .pruning import prune_dataset
-    from .store import atomic_write_bytes
 
     out = Path(args.output)
-    _check_outputs([out / "kept", out / "dropped", out / "pruning.json"], [args.run])
+    _check_outputs([out], [args.run])
     train, scores = _load_run(args.run)
     res = prune_dataset(train, scores, args.fraction, args.rank, args.balance_column)
-    save_dataset_atomic(res.kept, out / "kept")
-    save_dataset_atomic(res.dropped, out / "dropped")
     report = {"fraction": args.fraction, "rank": args.rank,
               "ranked_by": "self-influence (highest dropped first)"
               if scores.query_mode == "self" else "group score (least helpful dropped first)",
               "balance_column": args.balance_column, "rows": len(train),
               "kept_rows": len(res.kept), "dropped_fraction": res.dropped_fraction,
               "dropped_groups": [str(g) for g in res.dropped_groups]}
-    atomic_write_bytes(out / "pruning.json", json.dumps(report, indent=1).encode())
+    with RunWriter(out, kind="prune", config={"run": str(args.run)}) as run:
+        run.dataset("kept", res.kept)
+        run.dataset("dropped", res.dropped)
+        run.json("pruning.json", report)
     print(f"Wrote {out}: kept {len(res.kept)} of {len(train)} rows, dropped "
           f"{len(res.dropped_groups)} groups ({100 * res.dropped_fraction:.1f}% of the rows).")
 
 
 def _card(args: argparse.Namespace) -> None:
     from .integrations.cards import write_attribution_card
+    from .pipeline import RunWriter, read_run
 
-    _check_outputs([Path(args.output) / "README.md"], [args.run])
+    _check_outputs([Path(args.output)], [args.run])
     train, scores = _load_run(args.run)
-    queries = Path(args.run) / "queries"
-    readme = write_attribution_card(
-        args.output, scores, train, model_name=args.model_name, pretty_name=args.pretty_name,
-        card_type=args.card_type, text_column=args.text_column,
-        label_column=args.label_column, top_k=args.top_k, license=args.license,
-        query_dataset=_read_data(str(queries), "--run queries/") if queries.is_dir() else None)
-    print(f"Wrote {readme} and its plots.")
+    queries = read_run(args.run).datasets.get("queries")
+    with RunWriter(Path(args.output), kind="card", config={"run": str(args.run)}) as run:
+        readme = run.written_by(lambda folder: write_attribution_card(
+            folder, scores, train, model_name=args.model_name, pretty_name=args.pretty_name,
+            card_type=args.card_type, text_column=args.text_column,
+            label_column=args.label_column, top_k=args.top_k, license=args.license,
+            query_dataset=queries))
+    print(f"Wrote {Path(args.output) / Path(readme).name} and its plots.")
 
 
 def _one_line(err: BaseException) -> str:

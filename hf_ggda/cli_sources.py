@@ -56,8 +56,8 @@ def run_sources(args: argparse.Namespace) -> None:
     from .attributors import ATTRIBUTOR_TYPE_TO_CONFIG_MAPPING, get_attributor
     from .cli import TaskArgs, _check_outputs, _file_options, _load, _read_data, _validate
     from .errors import ConfigError
-    from .integrations.distributed import barrier, rank_and_world
-    from .integrations.hub import save_dataset_atomic
+    from .integrations.distributed import rank_and_world
+    from .pipeline import RunWriter
     from .sources import attribute_sources
 
     cfg_cls = ATTRIBUTOR_TYPE_TO_CONFIG_MAPPING[args.method]
@@ -67,7 +67,7 @@ def run_sources(args: argparse.Namespace) -> None:
     if len(set(names)) != len(names):
         raise ConfigError(f"Evaluation names repeat ({names}); name them with --eval NAME=PATH.")
     out = Path(args.output)
-    _check_outputs([out / "train", out / "report", out / "ggda_config.json"],
+    _check_outputs([out],
                    [args.train, args.store, args.model, args.adapter, args.config,
                     *[p for _, p in args.evaluations]])
     model, task = _load(args, base)
@@ -78,13 +78,11 @@ def run_sources(args: argparse.Namespace) -> None:
                                args.source_column, bootstrap=args.bootstrap, seed=args.seed,
                                drill_sources=args.drill_sources, store=args.store)
     scored = report.to_dataset_columns(train)
-    rank, _ = rank_and_world()
-    if rank == 0:  # one writer; every process computed the same report
-        save_dataset_atomic(scored, out / "train")
-        report.save(out / "report")
-        config.save_pretrained(str(out))
-    barrier()
-    if rank == 0:
+    with RunWriter(out, kind="sources", config=config.to_dict()) as run:
+        run.dataset("train", scored)
+        run.folder("report", report.save)
+        run.attributor_config(config)
+    if rank_and_world()[0] == 0:
         worst = {n: [str(s) for s in report.ranking(n)[:3]] for n in report.evaluations}
         print(f"Wrote {out}: {len(report.table)} (evaluation, source) rows; most harmful "
               f"first: {worst}.")

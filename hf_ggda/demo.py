@@ -8,7 +8,6 @@ self-influence; write the scored datasets, the scores and a summary. Nothing is 
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -46,6 +45,7 @@ def run_demo(output: str = "outputs/demo", quick: bool = False, num_groups: int 
     from .data import load_bbc_news, load_minilm_classifier
     from .grouping import get_grouper
     from .integrations.cards import write_attribution_card
+    from .pipeline import RunWriter, score_queries
     from .tasks import SequenceClassificationTask
     from .training import finetune
 
@@ -67,19 +67,21 @@ def run_demo(output: str = "outputs/demo", quick: bool = False, num_groups: int 
     # one pass: the grouping features come from the attribution pass's own output gradients
     attributor.fit(train, grouper=grouper)
     train = attributor.train_dataset
-    scores = attributor.score(val, self_influence=True)
     out = Path(output)
-    scored = scores.to_dataset_columns(train)
-    scored.save_to_disk(str(out / "train"))
-    scores.to_query_columns(val, k=3).save_to_disk(str(out / "queries"))
-    scores.save_pretrained(str(out / "scores"))
-    model.save_pretrained(str(out / "adapter"))  # LoRA + head, for `hf-ggda attribute`
-    val.save_to_disk(str(out / "validation"))  # the raw queries, for `hf-ggda attribute`
-    write_attribution_card(out / "card", scores, scored, model=model, query_dataset=val,
-                           grouping=f"grad-kmeans (per class, K = {num_groups})",
-                           pretty_name="BBC News attribution (hf_ggda demo)")
-    summary = _summary(scores, scored, losses, num_groups, time.perf_counter() - start)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    with RunWriter(out, kind="demo", config=attributor.config.to_dict()) as run:
+        scores, scored, queries = score_queries(attributor, train, val, group_column="group_id",
+                                                top_k=3, self_influence=True)
+        run.dataset("train", scored)
+        run.dataset("queries", queries)
+        run.result("scores", scores)
+        run.folder("adapter", model.save_pretrained)  # LoRA + head, for `hf-ggda attribute`
+        run.dataset("validation", val)  # the raw queries, for `hf-ggda attribute`
+        run.folder("card", lambda path: write_attribution_card(
+            path, scores, scored, model=model, query_dataset=val,
+            grouping=f"grad-kmeans (per class, K = {num_groups})",
+            pretty_name="BBC News attribution (hf_ggda demo)"))
+        summary = _summary(scores, scored, losses, num_groups, time.perf_counter() - start)
+        run.json("summary.json", summary)
     _print(summary, out)
     return summary
 

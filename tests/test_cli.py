@@ -12,6 +12,7 @@ from datasets import load_from_disk
 
 from hf_ggda import cli
 from hf_ggda.cli import main
+from hf_ggda.pipeline import read_run
 from hf_ggda.viewer import open_run
 from hf_ggda.testing import tiny_lora, tiny_model, tiny_tokenizer, toy_dataset
 
@@ -36,6 +37,7 @@ def test_demo_quick_writes_scored_dataset(tmp_path, capsys):
     assert {"ggda_group_score", "ggda_group_rank", "ggda_self_influence"} <= \
         set(train.column_names)
     assert "Most helpful groups" in capsys.readouterr().out
+    assert read_run(tmp_path / "demo").kind == "demo"  # written through hf_ggda.pipeline
     view = open_run(tmp_path / "demo")  # the demo's run opens in `hf-ggda view`
     assert view.mode == "query" and len(view.query_choices()) == summary["queries"]
 
@@ -173,7 +175,7 @@ def test_prune_and_card_from_an_attribute_run(saved_model, capsys):
     readme = (d / "card" / "README.md").read_text()
     assert "tiny-bert" in readme and (d / "card" / "score_distribution.png").stat().st_size > 0
     assert main(["card", "--run", str(d), "--output", str(d / "card2")]) == 2
-    assert "Neither scores/ nor self_influence/" in capsys.readouterr().err
+    assert "not a complete run folder (no run.json)" in capsys.readouterr().err
 
 
 def test_sources_ranks_named_sources(saved_model, capsys):

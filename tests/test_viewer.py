@@ -13,6 +13,7 @@ from datasets import load_from_disk
 
 from hf_ggda.cli import main
 from hf_ggda.errors import RunFolderError
+from hf_ggda.pipeline import read_run
 from hf_ggda.scores import GroupScores
 from hf_ggda.testing import tiny_lora, tiny_model, tiny_tokenizer, toy_dataset
 from hf_ggda.viewer import open_run
@@ -57,6 +58,14 @@ def test_every_cli_run_opens(runs: Path) -> None:
     with pytest.raises(RunFolderError, match="does not exist"):
         open_run(runs / "nope")
     assert main(["view", str(runs / "card")]) == 2  # one error line, no server started
+
+
+def test_every_cli_run_is_written_through_the_pipeline(runs: Path) -> None:
+    kinds = {name: read_run(runs / name).kind for name in ("attr", "self", "src", "pruned",
+                                                           "card")}
+    assert kinds == {"attr": "attribute", "self": "self-influence", "src": "sources",
+                     "pruned": "prune", "card": "card"}
+    assert set(read_run(runs / "attr").datasets) == {"train", "queries"}
 
 
 def test_group_table_is_the_result_ranked(runs: Path) -> None:

@@ -288,9 +288,13 @@ def open_run(folder: Union[str, Path]) -> RunView:
         RunFolderError: The folder does not exist or holds no training rows.
         ScoresFileError: A result file fails its checks.
     """
+    from ..pipeline import MANIFEST, read_run
+
     path = Path(folder)
     if not path.is_dir():
         raise RunFolderError(f"Run folder {str(path)!r} does not exist (or is not a folder).")
+    if (path / MANIFEST).is_file():
+        read_run(path)  # a run written by hf_ggda: every entry checked before it is shown
     rows = load_from_disk(str(_find_rows(path)))
     if not isinstance(rows, Dataset):
         raise RunFolderError(f"{str(path)!r} holds a DatasetDict; pass one split's folder.")
