@@ -250,7 +250,7 @@ class RunWriter:
         self.file(name, json.dumps(value, indent=1, allow_nan=False, default=str))
 
     def attributor_config(self, config: Any) -> None:
-        """Add the attributor's config as ``ggda_config.json`` (as ``save_pretrained`` writes it)."""
+        """Add the attributor's config as ``ggda_config.json`` (as ``save_pretrained`` does)."""
         from .config import CLASS_KEY, CONFIG_NAME
 
         self.json(CONFIG_NAME, {CLASS_KEY: type(config).__name__, **config.to_dict()})
@@ -372,10 +372,10 @@ def read_run(folder: PathLike) -> RunContents:
 
     root = Path(folder)
     data = _manifest(root)
+    config, prints = data.get("config"), data.get("fingerprints")
     out = RunContents(folder=root, kind=str(data.get("kind", "")),
-                      config=data.get("config") if isinstance(data.get("config"), dict) else {},
-                      fingerprints=data.get("fingerprints")
-                      if isinstance(data.get("fingerprints"), dict) else {},
+                      config=config if isinstance(config, dict) else {},
+                      fingerprints=prints if isinstance(prints, dict) else {},
                       datasets={}, results={}, paths={})
     for entry in data["entries"]:
         name, kind = entry["name"], entry["kind"]

@@ -50,7 +50,7 @@ def test_rewriting_a_run_replaces_it_but_user_folders_are_refused(tmp_path: Path
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("keep me")
-    with pytest.raises(RunFolderError, match="did not write.*nothing is deleted"):
+    with pytest.raises(RunFolderError, match=r"did not write.*nothing is deleted"):
         _write(mine)
     assert (mine / "notes.txt").read_text() == "keep me" and len(list(mine.iterdir())) == 1
     (tmp_path / "afile").write_text("x")
@@ -87,7 +87,7 @@ def test_a_killed_write_is_never_read_as_a_run(tmp_path: Path) -> None:
     assert not target.exists()  # nothing at the run's path; the staging folder is hidden
     staged = list(tmp_path.glob(".run.partial-*"))
     assert len(staged) == 1
-    with pytest.raises(RunFolderError, match="does not exist|not a complete run"):
+    with pytest.raises(RunFolderError, match=r"does not exist|not a complete run"):
         read_run(target)
     with pytest.raises(RunFolderError, match="not a complete run"):
         read_run(staged[0])  # a staging folder has no run.json either
