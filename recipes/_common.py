@@ -394,20 +394,37 @@ def finite(value: Any) -> Any:
     return value
 
 
-def write_figures(figures: Mapping[str, Any], json_path: Optional[str], out: Path) -> None:
-    """Write the figures to ``out/figures.json`` and, when given, to ``json_path``.
+def write_figures(figures: Mapping[str, Any], json_path: Optional[str], run: Any) -> None:
+    """Write the figures into the run as ``figures.json`` and, when given, to ``json_path``.
 
     Args:
         figures: The recipe's results.
-        json_path: The ``--json`` path (None: only the output folder).
-        out: The output folder.
+        json_path: The ``--json`` path (None: only the run folder).
+        run: The recipe's :class:`hf_ggda.pipeline.RunWriter` (see :func:`recipe_run`).
+
+    Raises:
+        ValueError: A figure is not JSON (non-finite numbers become null first).
     """
     text = json.dumps(finite(figures), indent=1, sort_keys=False)
-    (out / "figures.json").write_text(text)
+    run.file("figures.json", text)
     if json_path:
         path = Path(json_path)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)
+
+
+def recipe_run(out: Path, name: str, args: argparse.Namespace) -> Any:
+    """The run folder a recipe writes its outputs into, atomically (``hf_ggda.pipeline``).
+
+    Use as ``with recipe_run(out, "noisy_labels", args) as run:``; the folder appears whole
+    when the block ends (``run.json`` last), or not at all.
+
+    Raises:
+        RunFolderError: ``out`` holds files that hf_ggda did not write as a run.
+    """
+    from hf_ggda.pipeline import RunWriter
+
+    return RunWriter(out, kind=f"recipe:{name}", config=finite(vars(args)))
 
 
 def say(message: str) -> None:

@@ -30,8 +30,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (Timings, accuracy, base_parser, bbc_splits, detection,  # noqa: E402
-                     flip_labels, parse_sized, replace_column, sample_curve, say, setup_run,
-                     write_figures)
+                     flip_labels, parse_sized, recipe_run, replace_column, sample_curve, say,
+                     setup_run, write_figures)
 
 FULL = {"train_rows": 1000, "val_rows": 200, "max_length": 64, "steps": 100}
 QUICK = {"train_rows": 96, "val_rows": 16, "max_length": 32, "steps": 6}
@@ -123,7 +123,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     from hf_ggda.data import load_minilm_classifier
     from hf_ggda.grouping import get_grouper
     from hf_ggda.integrations.cards import Curve, write_attribution_card
-    from hf_ggda.integrations.hub import push_scored_dataset, save_dataset_atomic
+    from hf_ggda.integrations.hub import push_scored_dataset
     from hf_ggda.tasks import SequenceClassificationTask
     from hf_ggda.training import finetune
 
@@ -157,46 +157,47 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     drill = detection(-point, flags[rows], fractions=(0.5,))
 
     scored = refined.to_dataset_columns(grouped, row_column="row")
-    save_dataset_atomic(scored, out / "scored")
-    curves = {}
-    if flags[rows].sum() > 0:  # the drilled source holds corrupted rows: plot how fast
-        x, y = sample_curve(drill)
-        curves[f"Corrupted rows of {names[worst]} found, most harmful first"] = Curve(
-            x, y, xlabel=f"fraction of {names[worst]} inspected",
-            ylabel="fraction of its corrupted rows found", baseline=(x, x))
-    card = write_attribution_card(
-        out / "card", scores, scored, model=model, query_dataset=val,
-        grouping="column `source` (group_id = position of the source in sorted order: "
-                 + ", ".join(f"{k} = {v}" for k, v in names.items()) + ")",
-        pretty_name="BBC News mixture of four sources, scored with GGDA",
-        license="other", curves=curves, limits=[
-            f"{bad_source} was corrupted on purpose ({args.corruption}, column "
-            "`corrupted`) to test the curation.",
-            "Rows of the least helpful source carry point scores (`ggda_point_score`)."],
-        extra_metadata={"recipe": "hub_curation", "source_ranking_least_helpful_first":
-                        ranking})
-    with times.stage("stage_push"):
-        plan = push_scored_dataset(scored, args.repo_id, card_dir=card.parent, dry_run=True,
-                                   staging_dir=out / "push")
-    figures: dict[str, Any] = {
-        "corrupted_source_rank": ranking.index(bad_source) + 1,
-        "num_sources": len(SOURCES),
-        "corrupted_source": bad_source,
-        "source_ranking_least_helpful_first": ranking,
-        "source_scores": {names[g]: float(t) for g, t in zip(attributor.group_ids, totals)},
-        "source_self_influence": {names[g]: float(v) for g, v in
-                                  zip(attributor.group_ids, scores.self_influence.tolist())},
-        "drilldown_source": names[worst],
-        "drilldown_corrupted_recall_at_50": drill["recall_at_50"],
-        "drilldown_corrupted_auc": drill["auc"],
-        "val_accuracy": accuracy(model, task, val),
-        "train_loss_first": float(np.mean(losses[:5])),
-        "train_loss_last": float(np.mean(losses[-5:])),
-        "push_plan": {"repo_id": plan.repo_id, "dry_run": plan.dry_run, "pushed": plan.pushed,
-                      "num_rows": plan.num_rows, "columns": plan.columns,
-                      "card_files": plan.card_files, "staging_dir": str(plan.staging_dir)},
-        "timings": times.to_dict(), "args": vars(args)}
-    write_figures(figures, args.json, out)
+    with recipe_run(out, "hub_curation", args) as run:
+        run.dataset("scored", scored)
+        curves = {}
+        if flags[rows].sum() > 0:  # the drilled source holds corrupted rows: plot how fast
+            x, y = sample_curve(drill)
+            curves[f"Corrupted rows of {names[worst]} found, most harmful first"] = Curve(
+                x, y, xlabel=f"fraction of {names[worst]} inspected",
+                ylabel="fraction of its corrupted rows found", baseline=(x, x))
+        card = write_attribution_card(
+            run.folder("card"), scores, scored, model=model, query_dataset=val,
+            grouping="column `source` (group_id = position of the source in sorted order: "
+                     + ", ".join(f"{k} = {v}" for k, v in names.items()) + ")",
+            pretty_name="BBC News mixture of four sources, scored with GGDA",
+            license="other", curves=curves, limits=[
+                f"{bad_source} was corrupted on purpose ({args.corruption}, column "
+                "`corrupted`) to test the curation.",
+                "Rows of the least helpful source carry point scores (`ggda_point_score`)."],
+            extra_metadata={"recipe": "hub_curation", "source_ranking_least_helpful_first":
+                            ranking})
+        with times.stage("stage_push"):
+            plan = push_scored_dataset(scored, args.repo_id, card_dir=card.parent, dry_run=True,
+                                       staging_dir=run.folder("push"))
+        figures: dict[str, Any] = {
+            "corrupted_source_rank": ranking.index(bad_source) + 1,
+            "num_sources": len(SOURCES),
+            "corrupted_source": bad_source,
+            "source_ranking_least_helpful_first": ranking,
+            "source_scores": {names[g]: float(t) for g, t in zip(attributor.group_ids, totals)},
+            "source_self_influence": {names[g]: float(v) for g, v in
+                                      zip(attributor.group_ids, scores.self_influence.tolist())},
+            "drilldown_source": names[worst],
+            "drilldown_corrupted_recall_at_50": drill["recall_at_50"],
+            "drilldown_corrupted_auc": drill["auc"],
+            "val_accuracy": accuracy(model, task, val),
+            "train_loss_first": float(np.mean(losses[:5])),
+            "train_loss_last": float(np.mean(losses[-5:])),
+            "push_plan": {"repo_id": plan.repo_id, "dry_run": plan.dry_run, "pushed": plan.pushed,
+                          "num_rows": plan.num_rows, "columns": plan.columns,
+                          "card_files": plan.card_files, "staging_dir": str(out / "push")},
+            "timings": times.to_dict(), "args": vars(args)}
+        write_figures(figures, args.json, run)
     print("Sources, least helpful first (validation score, > 0 helps): "
           + ", ".join(f"{s} {figures['source_scores'][s]:+.4g}" for s in ranking))
     print(f"corrupted source {bad_source}: rank {figures['corrupted_source_rank']} of "

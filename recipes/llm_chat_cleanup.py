@@ -41,7 +41,7 @@ from datasets import Dataset
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (Timings, base_parser, bbc_splits, detection, parse_sized,  # noqa: E402
-                     recall_figures, say, select_until, setup_run, write_figures)
+                     recall_figures, recipe_run, say, select_until, setup_run, write_figures)
 from llm_cleanup import TOPICS, TOY_TOPICS, response_losses, smollm2_files  # noqa: E402
 
 FULL = {"train_rows": 2000, "val_rows": 100, "max_length": 112, "steps": 250, "prompt_words": 25,
@@ -197,7 +197,6 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     """Run the recipe; returns (and writes) the figures."""
     args = parse_args(argv)
     out = setup_run(args)
-    from hf_ggda.integrations.hub import save_dataset_atomic
     from hf_ggda.tasks import CausalLMTask
     from hf_ggda.training import finetune
 
@@ -235,9 +234,10 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "train_loss_first": float(np.mean(losses[:5])),
         "train_loss_last": float(np.mean(losses[-5:])), "args": vars(args)}
     scored = refined[0].to_dataset_columns(refined[1], row_column="row")
-    save_dataset_atomic(scored.add_column("response_loss", row_loss.astype(float).tolist()),
-                        out / "train_scored")
-    write_figures(figures, args.json, out)
+    with recipe_run(out, "llm_chat_cleanup", args) as run:
+        run.dataset("train_scored",
+                    scored.add_column("response_loss", row_loss.astype(float).tolist()))
+        write_figures(figures, args.json, run)
     print(f"{model_name}: {figures['num_corrupted']} of {len(train)} rows corrupted, "
           f"K = {figures['num_groups']}")
     for name in ("normalised", "raw", "loss", "random"):

@@ -41,7 +41,8 @@ from datasets import Dataset
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (Timings, base_parser, bbc_splits, detection, parse_sized,  # noqa: E402
-                     recall_figures, sample_curve, say, select_until, setup_run, write_figures)
+                     recall_figures, recipe_run, sample_curve, say, select_until, setup_run,
+                     write_figures)
 
 FULL = {"train_rows": 240, "val_rows": 40, "max_length": 64, "steps": 60, "groups": 24,
         "prompt_tokens": 40, "lr": 1e-3}
@@ -235,7 +236,6 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     from hf_ggda.attributors import InfluenceConfig, InfluenceFunction
     from hf_ggda.grouping import get_grouper
     from hf_ggda.integrations.cards import Curve, write_attribution_card
-    from hf_ggda.integrations.hub import save_dataset_atomic
     from hf_ggda.tasks import CausalLMTask
     from hf_ggda.training import finetune
 
@@ -316,20 +316,22 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     rank[np.argsort(-suspicion, kind="stable")] = np.arange(1, n + 1)
     scored = scored.add_column("ggda_inspection_rank", rank.tolist())
     scored = scored.add_column("response_loss", row_loss.astype(float).tolist())
-    save_dataset_atomic(scored, out / "train_scored")
-    model.save_pretrained(str(out / "adapter"))
-    x, y = sample_curve(results["ggda"])
-    write_attribution_card(
-        out / "card", scores, scored, model=model, model_name=model_name, query_dataset=val,
-        grouping=f"grad-kmeans within each response (K = {len(sizes)})",
-        text_column="prompt", label_column="response",
-        pretty_name=f"Instruction-set cleanup of {model_name} with GGDA",
-        curves={"Corrupted answers found, most harmful first": Curve(
-            x, y, xlabel="fraction of training rows inspected",
-            ylabel="fraction of corrupted answers found", baseline=(x, x))},
-        limits=["Answers were corrupted on purpose (column `corrupted`)."],
-        extra_metadata={"recipe": "llm_cleanup"})
-    write_figures(figures, args.json, out)
+    with recipe_run(out, "llm_cleanup", args) as run:
+        run.dataset("train_scored", scored)
+        run.folder("adapter", model.save_pretrained)
+        x, y = sample_curve(results["ggda"])
+        write_attribution_card(
+            run.folder("card"), scores, scored, model=model, model_name=model_name,
+            query_dataset=val,
+            grouping=f"grad-kmeans within each response (K = {len(sizes)})",
+            text_column="prompt", label_column="response",
+            pretty_name=f"Instruction-set cleanup of {model_name} with GGDA",
+            curves={"Corrupted answers found, most harmful first": Curve(
+                x, y, xlabel="fraction of training rows inspected",
+                ylabel="fraction of corrupted answers found", baseline=(x, x))},
+            limits=["Answers were corrupted on purpose (column `corrupted`)."],
+            extra_metadata={"recipe": "llm_cleanup"})
+        write_figures(figures, args.json, run)
     print(f"{model_name}: {figures['num_corrupted']} of {n} answers corrupted, "
           f"K = {figures['num_groups']}, {figures['parameters']} LoRA parameters attributed")
     for name, key in (("GGDA (groups + drill-down)", "ggda"), ("GGDA groups only", "group_only"),

@@ -38,7 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (HEAD_SELECTION, Timings, base_parser, bbc_splits, detection,  # noqa: E402
                      flip_labels, make_attributor, parse_sized, predict, recall_figures,
-                     replace_column, sample_curve, say, select_until, setup_run, write_figures)
+                     recipe_run, replace_column, sample_curve, say, select_until, setup_run,
+                     write_figures)
 
 FULL = {"train_rows": 1600, "val_rows": 200, "max_length": 64, "steps": 150, "groups": 100,
         "loop_sample": 48, "checkpoints": 3, "cleanlab_folds": 5}
@@ -191,7 +192,6 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     from hf_ggda.gradients import EngineConfig, GradientEngine
     from hf_ggda.grouping import get_grouper
     from hf_ggda.integrations.cards import Curve, write_attribution_card
-    from hf_ggda.integrations.hub import save_dataset_atomic
     from hf_ggda.tasks import SequenceClassificationTask
     from hf_ggda.training import finetune_with_snapshots
 
@@ -320,26 +320,27 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     scored = scored.add_column("ggda_point_self_influence", point_col)
     scored = scored.add_column("ggda_inspection_rank", rank.tolist())
     scored = scored.add_column("train_loss", row_loss.astype(float).tolist())
-    save_dataset_atomic(scored, out / "train_scored")
-    curves = {}
-    for key, title in (("ggda", "Flipped labels found (GGDA groups + drill-down)"),
-                       ("loss", "Flipped labels found (training-loss ranking)")):
-        x, y = sample_curve(results[key])
-        curves[title] = Curve(x, y, xlabel="fraction of training rows inspected",
-                              ylabel="fraction of flipped labels found", baseline=(x, x))
-    write_attribution_card(
-        out / "card", scores, scored, model=model, query_dataset=val,
-        grouping=f"{args.grouper} within each noisy label (K = {len(ids)})",
-        pretty_name="BBC News with 10% flipped labels: GGDA noisy-label detection",
-        curves=curves, limits=[
-            "Labels were flipped on purpose (column `flipped`); `clean_label` is the truth.",
-            "Group scores are against a clean validation split; detection uses "
-            "self-influence (`ggda_self_influence`, `ggda_point_self_influence`)."],
-        extra_metadata={"recipe": "noisy_labels",
-                        "figures": {k: figures[k] for k in ("recall_at_10", "recall_at_20",
-                                                            "loss_baseline_recall_at_20",
-                                                            "cost_ratio_vs_point")}})
-    write_figures(figures, args.json, out)
+    with recipe_run(out, "noisy_labels", args) as run:
+        run.dataset("train_scored", scored)
+        curves = {}
+        for key, title in (("ggda", "Flipped labels found (GGDA groups + drill-down)"),
+                           ("loss", "Flipped labels found (training-loss ranking)")):
+            x, y = sample_curve(results[key])
+            curves[title] = Curve(x, y, xlabel="fraction of training rows inspected",
+                                  ylabel="fraction of flipped labels found", baseline=(x, x))
+        write_attribution_card(
+            run.folder("card"), scores, scored, model=model, query_dataset=val,
+            grouping=f"{args.grouper} within each noisy label (K = {len(ids)})",
+            pretty_name="BBC News with 10% flipped labels: GGDA noisy-label detection",
+            curves=curves, limits=[
+                "Labels were flipped on purpose (column `flipped`); `clean_label` is the truth.",
+                "Group scores are against a clean validation split; detection uses "
+                "self-influence (`ggda_self_influence`, `ggda_point_self_influence`)."],
+            extra_metadata={"recipe": "noisy_labels",
+                            "figures": {k: figures[k] for k in ("recall_at_10", "recall_at_20",
+                                                                "loss_baseline_recall_at_20",
+                                                                "cost_ratio_vs_point")}})
+        write_figures(figures, args.json, run)
     print_summary(figures, times, out)
     return figures
 

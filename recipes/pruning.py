@@ -33,8 +33,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (HEAD_SELECTION, Timings, accuracy, base_parser, bbc_splits,  # noqa: E402
-                     flip_labels, make_attributor, parse_sized, replace_column, say, setup_run,
-                     write_figures)
+                     flip_labels, make_attributor, parse_sized, recipe_run, replace_column, say,
+                     setup_run, write_figures)
 
 FULL = {"train_rows": 1000, "val_rows": 200, "test_rows": 800, "max_length": 64,
         "steps": 80, "batch_size": 16, "groups": 64, "seeds": [0, 1, 2], "checkpoints": 4}
@@ -127,7 +127,6 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     from hf_ggda.data import load_minilm_classifier
     from hf_ggda.grouping import get_grouper
     from hf_ggda.integrations.cards import Curve, write_attribution_card
-    from hf_ggda.integrations.hub import save_dataset_atomic
     from hf_ggda.pruning import choose_groups, prune_order
     from hf_ggda.tasks import SequenceClassificationTask
     from hf_ggda.training import finetune_with_snapshots
@@ -226,21 +225,22 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     scored = first["scores"].to_dataset_columns(first["grouped"])
     for k, flags in first["flags"].items():
         scored = scored.add_column(f"pruned_at_{k}", flags.astype(bool).tolist())
-    save_dataset_atomic(scored, out / "train_scored")
-    xs = [0.0] + [float(np.mean(dropped[key_of(f)])) for f in args.fractions]
-    ys = [means["full"]] + [means[f"pruned_{key_of(f)}"] for f in args.fractions]
-    yr = [means["full"]] + [means[f"random_{key_of(f)}"] for f in args.fractions]
-    write_attribution_card(
-        out / "card", first["scores"], scored, model=first["model"], query_dataset=val,
-        grouping=f"grad-kmeans within each label (K = {args.groups})",
-        pretty_name="BBC News pruning with GGDA (least helpful groups dropped)",
-        curves={"Test accuracy after pruning the least helpful groups (mean over seeds)":
-                Curve(xs, ys, xlabel="fraction of training rows pruned",
-                      ylabel="test accuracy", baseline=(xs, yr))},
-        limits=["The curve's baseline is random pruning of the same number of rows.",
-                f"Means over {len(args.seeds)} seed(s); see figures.json for the spread."],
-        extra_metadata={"recipe": "pruning", "accuracy": means})
-    write_figures(figures, args.json, out)
+    with recipe_run(out, "pruning", args) as run:
+        run.dataset("train_scored", scored)
+        xs = [0.0] + [float(np.mean(dropped[key_of(f)])) for f in args.fractions]
+        ys = [means["full"]] + [means[f"pruned_{key_of(f)}"] for f in args.fractions]
+        yr = [means["full"]] + [means[f"random_{key_of(f)}"] for f in args.fractions]
+        write_attribution_card(
+            run.folder("card"), first["scores"], scored, model=first["model"], query_dataset=val,
+            grouping=f"grad-kmeans within each label (K = {args.groups})",
+            pretty_name="BBC News pruning with GGDA (least helpful groups dropped)",
+            curves={"Test accuracy after pruning the least helpful groups (mean over seeds)":
+                    Curve(xs, ys, xlabel="fraction of training rows pruned",
+                          ylabel="test accuracy", baseline=(xs, yr))},
+            limits=["The curve's baseline is random pruning of the same number of rows.",
+                    f"Means over {len(args.seeds)} seed(s); see figures.json for the spread."],
+            extra_metadata={"recipe": "pruning", "accuracy": means})
+        write_figures(figures, args.json, run)
     print_summary(figures, args.fractions, out)
     return figures
 

@@ -43,7 +43,8 @@ from datasets import Dataset
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE / "benchmarks")]
 
-from _common import Timings, base_parser, parse_sized, say, setup_run, write_figures  # noqa: E402
+from _common import (Timings, base_parser, parse_sized, recipe_run, say, setup_run,  # noqa: E402
+                     write_figures)
 from _sources_bench import KINDS, Bench, build_bench  # noqa: E402
 
 from hf_ggda.tasks import ROW_COLUMN  # noqa: E402
@@ -251,17 +252,16 @@ def drill_figures(report: Any, bench: Bench) -> dict[str, Any]:
     return out
 
 
-def write_outputs(out: Path, bench: Bench, report: Any) -> None:
-    """The scored training rows, the report files and the attribution card."""
+def write_outputs(run: Any, bench: Bench, report: Any) -> None:
+    """The scored training rows, the report files and the attribution card, into the run."""
     from hf_ggda.integrations.cards import write_attribution_card
-    from hf_ggda.integrations.hub import save_dataset_atomic
     from hf_ggda.store import atomic_write_bytes
 
     scored = report.to_dataset_columns(bench.train)
-    save_dataset_atomic(scored, out / "train_scored")
-    report.save(out / "report")
+    run.dataset("train_scored", scored)
+    report.save(run.folder("report"))
     readme = write_attribution_card(
-        out / "card", report.scores["validation"], bench.train, group_column="source",
+        run.folder("card"), report.scores["validation"], bench.train, group_column="source",
         model_name="MiniLM-L6 features + linear head", pretty_name="Source attribution bench",
         grouping="one group per named source", limits=[
             "Scores predict the effect of removing a whole source on the validation loss "
@@ -308,7 +308,6 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     by_loss = sorted(mean_loss, key=lambda s: -mean_loss[s])
     gain = gains(trainer, bench, feats, report.ranking("validation"), by_loss, effects, seeds,
                  args.random_draws, args.seed)
-    write_outputs(out, bench, report)
     loso_runs = len(seeds) * (1 + len(mean_loss))
     figures = {
         "spearman_loso": rho, "gain_top_r": gain, "per_source": per_source,
@@ -324,7 +323,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                                                   "preconditioner", "bootstrap", "seed")},
         "command": " ".join(["python recipes/source_attribution.py", *(argv or sys.argv[1:])]),
         "date": time.strftime("%Y-%m-%d")}
-    write_figures(figures, args.json, out)
+    with recipe_run(out, "source_attribution", args) as run:
+        write_outputs(run, bench, report)
+        write_figures(figures, args.json, run)
     print(f"Spearman(predicted, leave-one-source-out) = {rho['mean_over_seeds']:.3f} "
           f"(per seed {[round(v, 3) for v in rho['per_seed']]}); gains {gain}; "
           f"GGDA {figures['cost_ratio']['ggda_over_loso']:.4f} x the LOSO retraining")

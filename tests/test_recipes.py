@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import pytest
 
+from hf_ggda.pipeline import read_run
 from hf_ggda.viewer import open_run
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -64,6 +65,7 @@ def run_quick(name: str, tmp_path: Path, *extra: str) -> tuple[dict[str, Any], P
     figures = json.loads(path.read_text())
     assert json.loads((out / "figures.json").read_text()) == figures
     assert set(figures) == set(returned)
+    assert read_run(out).kind == f"recipe:{name}"  # written whole through hf_ggda.pipeline
     view = open_run(out)  # every recipe's output opens in `hf-ggda view`
     assert len(view.group_table()) >= 2 and len(view.rows) > 0
     return figures, out
