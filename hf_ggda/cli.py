@@ -441,13 +441,8 @@ def _card(args: argparse.Namespace) -> None:
 
 
 def _one_line(err: BaseException) -> str:
-    """The error as one line; errors of unexpected types say so and point at --debug."""
-    text = " ".join(str(err).split()) or type(err).__name__
-    if isinstance(err, (GGDAError, ValueError, OSError, KeyError, FloatingPointError,
-                        RuntimeError)):
-        return text
-    return (f"unexpected {type(err).__name__}: {text} (run `hf-ggda --debug ...` for the "
-            "traceback and report it)")
+    """The error as one line (its message already names the fix)."""
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -455,7 +450,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     Returns:
         0 on success, 2 on an error (one ``hf-ggda: error: ...`` line, no traceback unless
-        ``--debug``), 130 when interrupted.
+        ``--debug``), 1 on an internal error (a bug: one line pointing at ``--debug``, which
+        shows the traceback), 130 when interrupted.
     """
     args = _build_parser().parse_args(argv)
     try:
@@ -486,11 +482,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise
         print("hf-ggda: interrupted", file=sys.stderr)
         return 130
-    except Exception as err:  # noqa: BLE001 - the CLI's contract: one line, exit 2
+    except (GGDAError, OSError) as err:  # bad input: one line naming the fix, exit 2
         if args.debug:
             traceback.print_exc()
         print(f"hf-ggda: error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except Exception as err:  # noqa: BLE001 - not bad input: a bug of hf_ggda or a library
+        if args.debug:
+            raise
+        print(f"hf-ggda: internal error (a bug, not your input): {type(err).__name__}: "
+              f"{_one_line(err)}; rerun with `hf-ggda --debug ...` for the traceback and "
+              "report it", file=sys.stderr)
+        return 1
     return 0
 
 

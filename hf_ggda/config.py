@@ -34,7 +34,7 @@ import typing
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, TypeVar
 
-from .errors import ConfigError, ConfigTypeError
+from .errors import ConfigError, ConfigTypeError, GGDAError
 from .store import atomic_write_bytes
 
 T = TypeVar("T", bound="ConfigMixin")
@@ -106,7 +106,14 @@ class ConfigMixin:
                 f"them with {saved_class}.from_pretrained / from_dict, or remove the "
                 f"{CLASS_KEY!r} key.")
         check_known_keys(data, [cls], where=f"{cls.__name__} options")
-        return cls(**data)
+        try:
+            return cls(**data)
+        except GGDAError:
+            raise
+        except TypeError as err:  # a value check of the config's __post_init__
+            raise ConfigTypeError(f"{cls.__name__}: {err}") from err
+        except ValueError as err:
+            raise ConfigError(f"{cls.__name__}: {err}") from err
 
     @classmethod
     def from_pretrained(cls: type[T], directory: str | os.PathLike[str]) -> T:

@@ -408,9 +408,12 @@ def test_cli_unexpected_errors_are_one_line_too(saved_model, capsys, monkeypatch
     monkeypatch.setattr(cli, "_group", boom)
     argv = ["group", "random", "--data", str(saved_model / "train"), "--output",
             str(saved_model / "g")]
-    assert main(argv) == 2
-    line = _one_error_line(capsys)
-    assert "unexpected TypeError: internal bug" in line and "--debug" in line
+    assert main(argv) == 1  # not bad input: told apart from the exit-2 input errors
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "internal error (a bug" in err[0]
+    assert "TypeError: internal bug" in err[0] and "--debug" in err[0]
+    with pytest.raises(TypeError, match="internal bug"):  # --debug: the traceback itself
+        main(["--debug", *argv])
 
     def interrupted(args):
         raise KeyboardInterrupt
