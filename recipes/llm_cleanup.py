@@ -233,7 +233,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     """Run the recipe; returns (and writes) the figures."""
     args = parse_args(argv)
     out = setup_run(args)
-    from hf_ggda.attributors import InfluenceConfig, InfluenceFunction
+    from hf_ggda.attributors import InfluenceConfig, InfluenceFunction, token_scores
     from hf_ggda.grouping import get_grouper
     from hf_ggda.integrations.cards import Curve, write_attribution_card
     from hf_ggda.tasks import CausalLMTask
@@ -279,6 +279,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     harmful_first = np.argsort(per_row, kind="stable")
     chosen = [attributor.group_ids[k] for k in select_until(harmful_first, sizes,
                                                              args.drill * n)]
+    with times.stage("token_scores"):  # the card's highlighted response (validation row 0)
+        tokens = token_scores(attributor, val, row=0)
     say(f"Drill-down into {len(chosen)} most harmful groups")
     with times.stage("drilldown"):
         refined = attributor.refine(scores, group_ids=chosen, row_column="row")
@@ -324,7 +326,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             run.folder("card"), scores, scored, model=model, model_name=model_name,
             query_dataset=val,
             grouping=f"grad-kmeans within each response (K = {len(sizes)})",
-            text_column="prompt", label_column="response",
+            text_column="prompt", label_column="response", token_scores=tokens,
+            token_query="validation row 0",
             pretty_name=f"Instruction-set cleanup of {model_name} with GGDA",
             curves={"Corrupted answers found, most harmful first": Curve(
                 x, y, xlabel="fraction of training rows inspected",

@@ -129,3 +129,29 @@ def test_token_scores_sum_to_the_sequence_score(lm, reduction, method):
                                    atol=1e-10)
     best = per_token.top_tokens(per_token.group_ids[0], k=2)
     assert len(best) == 2 and best[0][1] >= best[1][1]
+
+
+def test_card_highlights_the_response_tokens_escaped(lm, tmp_path):
+    from hf_ggda.attributors.tokens import TokenScores
+    from hf_ggda.integrations.cards import write_attribution_card
+
+    model, tok, train, queries = lm
+    task = CausalLMTask(tok, prompt_column="prompt", response_column="response", max_length=32)
+    attr = InfluenceFunction(model, task, InfluenceConfig())
+    attr.fit(train)
+    scores = attr.score(queries)
+    tokens = token_scores(attr, queries, 1)
+    readme = write_attribution_card(tmp_path / "card", scores, attr.train_dataset,
+                                    token_scores=tokens, token_query="row 1").read_text()
+    best = int(torch.argmax(tokens.matrix.sum(0)))
+    assert "## Which tokens the top group pushed" in readme and "Query row 1" in readme
+    assert f"`{tokens.group_ids[best]}`" in readme
+    assert readme.count("<span style=") == len(tokens.tokens)
+    assert (tmp_path / "card" / "token_scores.png").stat().st_size > 0
+    # a token is text, never markup: a hostile token is escaped inside its span
+    evil = TokenScores(matrix=tokens.matrix[:2], tokens=["<script>x</script>", "ok"],
+                       positions=tokens.positions[:2], group_ids=tokens.group_ids)
+    readme = write_attribution_card(tmp_path / "card2", scores, attr.train_dataset,
+                                    token_scores=evil).read_text()
+    assert "&lt;script&gt;x&lt;/script&gt;</span>" in readme
+    assert readme.count("<script>") == readme.count("`<script>")  # only inside a code span

@@ -174,6 +174,7 @@ def test_llm_cleanup_quick(tmp_path: Path, restore_globals: None) -> None:
     assert math.isfinite(fig["train_loss_last"]) and fig["train_loss_last"] < \
         fig["train_loss_first"]
     check_card(out / "card")
+    assert "## Which tokens the top group pushed" in (out / "card" / "README.md").read_text()
     check_saved(out / "train_scored")
     assert (out / "adapter" / "adapter_config.json").exists()
 

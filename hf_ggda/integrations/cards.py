@@ -308,7 +308,8 @@ def build_attribution_card(scores: GroupScores | SelfInfluence, train_dataset: D
                            limits: Sequence[str] = (), license: Optional[str] = None,
                            pretty_name: Optional[str] = None, card_type: str = "dataset",
                            template_path: Optional[str | os.PathLike[str]] = None,
-                           extra_metadata: Optional[Mapping[str, Any]] = None
+                           extra_metadata: Optional[Mapping[str, Any]] = None,
+                           token_scores: Any = None, token_query: str = "0"
                            ) -> tuple[Any, dict[str, bytes]]:
     """Render the card and its plots in memory (see :func:`write_attribution_card`).
 
@@ -396,7 +397,12 @@ def build_attribution_card(scores: GroupScores | SelfInfluence, train_dataset: D
         config_json=config_json, config_fence=_fence(config_json),
         histogram_file=HISTOGRAM_FILE, bar_chart_file=BAR_CHART_FILE,
         top_groups=describe(top), bottom_groups=describe(bottom), curves=curve_items,
-        limits=list(DEFAULT_LIMITS) + list(limits), self_influence=self_mode)
+        limits=list(DEFAULT_LIMITS) + list(limits), self_influence=self_mode, tokens=None)
+    if token_scores is not None:  # causal LMs: the response highlighted by the top group
+        from .token_card import TOKEN_CHART_FILE, token_section
+
+        context["tokens"], images[TOKEN_CHART_FILE] = token_section(
+            token_scores, query_label=token_query)
     if projection:
         context["limits"].append(f"Gradients were randomly projected to "
                                  f"{md_text(projection, 20)} "
@@ -423,7 +429,9 @@ def write_attribution_card(output_dir: str | os.PathLike[str],
             ``text_column``, ``label_column``, ``top_k``, ``examples_per_group``,
             ``max_chars``, ``curves`` ({title: Curve or (x, y)}), ``limits``, ``license``,
             ``pretty_name``, ``card_type`` (``"dataset"`` or ``"model"``),
-            ``template_path``, ``extra_metadata``.
+            ``template_path``, ``extra_metadata``, ``token_scores`` (``TokenScores`` of one
+            causal-LM query: its response highlighted by the top group) and ``token_query``
+            (how that query is named).
 
     Returns:
         The path of README.md.
