@@ -171,6 +171,11 @@ class ModelStateError(GGDAError, RuntimeError):
     """The model cannot be run as it is (e.g. its weights are on the ``meta`` device)."""
 
 
+class ModelChangedError(GGDAError, RuntimeError):
+    """The model's weights changed since :meth:`~hf_ggda.attributors.Attributor.fit`: new query
+    gradients would be mixed with the training vectors of the old weights."""
+
+
 class ScoresFileError(GGDAError, ValueError):
     """A saved ``GroupScores`` folder cannot be trusted: bad JSON, an unknown format version,
     fields that fail the schema, or lengths that do not match the saved matrix."""

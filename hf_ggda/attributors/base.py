@@ -49,6 +49,7 @@ from ..tasks import GROUP_COLUMN, AttributionTask
 from .checkpoints import Checkpoint
 from ..curvature.mix import CurvatureData, resolve_curvature_dataset
 from .drilldown import SelfAndDrillMixin
+from .model_state import check_model_unchanged
 from .normalise import check_normalize, normalise_rows, row_weights
 
 if TYPE_CHECKING:
@@ -470,6 +471,7 @@ class Attributor(SelfAndDrillMixin, ABC):
         for c, (comp, part) in enumerate(zip(self.components, state.parts)):
             engine = self._engine(c, comp)
             with comp.activate(self.model):
+                check_model_unchanged(self.model, part.fingerprint, "scoring")
                 if self.config.normalize is not None:
                     grads = self._normalised_queries(engine, part, dataset, mode, column)
                 else:

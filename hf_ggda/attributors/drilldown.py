@@ -18,6 +18,7 @@ from ..errors import MissingColumnError
 from ..logging import get_logger
 from ..scores import GroupScores
 from ..tasks import ROW_COLUMN
+from .model_state import check_model_unchanged
 from .normalise import normalise_rows
 
 if TYPE_CHECKING:
@@ -44,6 +45,8 @@ class SelfAndDrillMixin:
             total = torch.zeros(len(state.group_ids), dtype=state.parts[0].raw.dtype)
             for c, (comp, part) in enumerate(zip(self.components, state.parts)):
                 with comp.activate(self.model):
+                    if self.self_fn() != self.train_fn():  # new gradients of the fitted rows
+                        check_model_unchanged(self.model, part.fingerprint, "self-influence")
                     own = part.raw if self.self_fn() == self.train_fn() else \
                         self._engine(c, comp).group_gradients(
                             state.dataset, state.group_column, fn=self.self_fn()).gradients
@@ -71,6 +74,7 @@ class SelfAndDrillMixin:
         for c, (comp, part) in enumerate(zip(self.components, state.parts)):
             engine = self._engine(c, comp)
             with comp.activate(self.model):
+                check_model_unchanged(self.model, part.fingerprint, "row self-influence")
                 grads = engine.per_example_gradients(rows, fn=self.train_fn()).gradients
                 grads = normalise_rows(grads, self.config.normalize, part.preconditioner)
                 own = grads if self.self_fn() == self.train_fn() else \
@@ -153,6 +157,7 @@ class SelfAndDrillMixin:
         train = []
         for c, (comp, part) in enumerate(zip(self.components, state.parts)):
             with comp.activate(self.model):
+                check_model_unchanged(self.model, part.fingerprint, "the drill-down")
                 grads = self._engine(c, comp).per_example_gradients(subset, fn=self.train_fn())
                 rows_vec = normalise_rows(grads.gradients, self.config.normalize,
                                           part.preconditioner)

@@ -359,7 +359,7 @@ class GradientEngine:
     def fingerprint(self, dataset: Dataset, grouping: str, fn: RowFn) -> dict[str, Any]:
         """Everything the stored gradients depend on (batch size excluded)."""
         return request_fingerprint({
-            "model": hash_model(self.model, self.selection.names),
+            "model": hash_model(self.model),
             "selection": hash_json(self.selection.to_dict()),
             "task": self.task.config_dict(),
             "projection": self.factorised.config_dict() if self.factorised is not None else
