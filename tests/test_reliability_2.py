@@ -1,0 +1,58 @@
+"""The bad-input contract, round two (issue 18): output folders the project did not write,
+group ids and scores that are not finite numbers. Every case asserts the typed error, that its
+message names the fix, and that nothing was written or lost."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from datasets import Dataset, load_from_disk
+
+from hf_ggda.errors import OutputPathError
+from hf_ggda.integrations.hub import OUTPUT_MARKER, save_dataset_atomic
+
+from .test_store import _snapshot
+
+
+def _rows(n: int = 4) -> Dataset:
+    return Dataset.from_dict({"text": [f"row {i}" for i in range(n)], "label": [0] * n})
+
+
+# -- dataset folders are replaced only when hf_ggda wrote them -----------------------------------
+def test_user_folder_at_an_output_path_is_never_deleted(tmp_path):
+    mine = tmp_path / "out" / "train"
+    mine.mkdir(parents=True)
+    (mine / "notes.txt").write_text("my own work")
+    _rows().save_to_disk(str(mine / "raw"))  # even a saved dataset of the user's is kept
+    before = _snapshot(tmp_path)
+    with pytest.raises(OutputPathError) as info:
+        save_dataset_atomic(_rows(), mine)
+    message = str(info.value)
+    assert str(mine) in message and "notes.txt" in message
+    assert "never deletes" in message and "choose another output folder" in message
+    assert isinstance(info.value, ValueError)
+    assert _snapshot(tmp_path) == before  # no temp folder left beside it either
+
+
+def test_user_file_or_link_at_an_output_path_is_refused(tmp_path):
+    (tmp_path / "train").write_text("my file")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "keep.txt").write_text("keep")
+    os.symlink(tmp_path / "elsewhere", tmp_path / "link")
+    before = _snapshot(tmp_path)
+    for target in (tmp_path / "train", tmp_path / "link"):
+        with pytest.raises(OutputPathError, match="file or a link") as info:
+            save_dataset_atomic(_rows(), target)
+        assert "choose another output folder" in str(info.value)
+    assert _snapshot(tmp_path) == before
+
+
+def test_own_output_and_empty_folders_are_replaced(tmp_path):
+    target = tmp_path / "kept"
+    target.mkdir()  # empty: nothing to lose
+    save_dataset_atomic(_rows(2), target)
+    assert (target / OUTPUT_MARKER).is_file() and len(load_from_disk(str(target))) == 2
+    save_dataset_atomic(_rows(3), target)  # a rerun replaces its own earlier output
+    assert len(load_from_disk(str(target))) == 3
+    assert sorted(os.listdir(tmp_path)) == ["kept"]  # no temp or old folder left
