@@ -4,13 +4,17 @@ message names the fix, and that nothing was written or lost."""
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
 from datasets import Dataset, load_from_disk
 
-from hf_ggda.errors import OutputPathError
+from hf_ggda.attributors import InfluenceConfig, InfluenceFunction
+from hf_ggda.errors import GroupingError, OutputPathError
+from hf_ggda.grouping import get_grouper
 from hf_ggda.integrations.hub import OUTPUT_MARKER, save_dataset_atomic
+from hf_ggda.testing import toy_dataset
 
 from .test_store import _snapshot
 
@@ -56,3 +60,41 @@ def test_own_output_and_empty_folders_are_replaced(tmp_path):
     save_dataset_atomic(_rows(3), target)  # a rerun replaces its own earlier output
     assert len(load_from_disk(str(target))) == 3
     assert sorted(os.listdir(tmp_path)) == ["kept"]  # no temp or old folder left
+
+
+# -- group ids that are no ids ------------------------------------------------------------------
+NAN = float("nan")
+BAD_GROUP_IDS = {
+    "NaN among floats": ([0.0, 1.0, NAN] * 4, "NaN or Inf", "rows [2, 5, 8, 11] (4 of 12)"),
+    "NaN among ints": ([NAN, 1] * 6, "NaN or Inf", "not a group id"),
+    "Inf": ([0.0, math.inf, 1.0] * 4, "NaN or Inf", "cannot be stored"),
+    "-Inf": ([-math.inf, 0.0, 1.0] * 4, "NaN or Inf", "rows [0, 3, 6, 9]"),
+    "fractional floats": ([0.5, 0.7, 1.0] * 4, "fractional float ids", "would collide"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_GROUP_IDS))
+def test_group_ids_that_are_no_ids_are_refused_before_anything_is_written(bert_setup, tmp_path,
+                                                                          case):
+    ids, kind, where = BAD_GROUP_IDS[case]
+    data = toy_dataset(12).add_column("group_id", ids)
+    attributor = InfluenceFunction(*bert_setup, InfluenceConfig())
+    with pytest.raises(GroupingError) as info:
+        attributor.fit(data, store=str(tmp_path / "store"))
+    message = str(info.value)
+    assert kind in message and where in message
+    assert "Fill them" in message or "Cast the column" in message  # the fix
+    assert os.listdir(tmp_path) == []  # no store folder started
+
+
+def test_integral_float_group_ids_still_work(bert_setup):
+    attributor = InfluenceFunction(*bert_setup, InfluenceConfig())
+    attributor.fit(toy_dataset(12).add_column("group_id", [0.0, 1.0, 2.0] * 4))
+    assert attributor.group_ids == [0.0, 1.0, 2.0]
+
+
+def test_column_grouper_refuses_nan_like_null(tmp_path):
+    data = Dataset.from_dict({"text": ["a", "b", "c"], "src": [1.0, NAN, 2.0]})
+    with pytest.raises(GroupingError, match=r"nulls at rows \[1\]") as info:
+        get_grouper("column", column="src").assign(data)
+    assert "Fill them" in str(info.value)
