@@ -80,6 +80,26 @@ class NonFiniteError(GGDAError, FloatingPointError):
         )
 
 
+class NonFiniteScoresError(NonFiniteError):
+    """Finite gradients gave NaN or infinite scores: their products overflowed the dtype (e.g.
+    float32 beyond 3.4e38), or a preconditioner with too little damping blew up."""
+
+    def __init__(self, rows: Sequence[int], groups: Sequence[object], dtype: str,
+                 what: str = "Scores of query rows") -> None:
+        self.rows = list(rows)
+        self.groups = list(groups)
+        shown_rows = f"{self.rows[:20]}{' ...' if len(self.rows) > 20 else ''} against " \
+            if self.rows else ""
+        GGDAError.__init__(
+            self,
+            f"{what} {shown_rows}groups {self.groups[:10]}"
+            f"{' ...' if len(self.groups) > 10 else ''} are "
+            f"NaN or infinite although the gradients are finite: the products overflowed "
+            f"{dtype}, or the preconditioner blew up. Compute in float64 (`model.double()`), "
+            "pass normalize='unit' (bounded, cosine-like scores), or raise the damping; no "
+            "scores were returned.")
+
+
 class NotFittedError(GGDAError, RuntimeError):
     """``score`` was called before ``fit``."""
 

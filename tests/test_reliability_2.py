@@ -8,14 +8,21 @@ import math
 import os
 
 import pytest
+import torch
 from datasets import Dataset, load_from_disk
 
 from hf_ggda.attributors import InfluenceConfig, InfluenceFunction
-from hf_ggda.errors import GroupingError, OutputPathError
+from hf_ggda.errors import (
+    GroupingError,
+    NonFiniteError,
+    NonFiniteScoresError,
+    OutputPathError,
+)
 from hf_ggda.grouping import get_grouper
 from hf_ggda.integrations.hub import OUTPUT_MARKER, save_dataset_atomic
 from hf_ggda.testing import toy_dataset
 
+from .conftest import make_setup
 from .test_store import _snapshot
 
 
@@ -98,3 +105,44 @@ def test_column_grouper_refuses_nan_like_null(tmp_path):
     with pytest.raises(GroupingError, match=r"nulls at rows \[1\]") as info:
         get_grouper("column", column="src").assign(data)
     assert "Fill them" in str(info.value)
+
+
+# -- scores that overflow the dtype ---------------------------------------------------------------
+def _huge_head_model():
+    model, task = make_setup("bert", ("classifier",))
+    model = model.float()
+    with torch.no_grad():  # finite losses and gradients (~1e22), products beyond float32's 3.4e38
+        for name, p in model.named_parameters():
+            if "classifier" in name and "modules_to_save" in name:
+                p.mul_(1e22)
+    return model, task
+
+
+def test_float32_overflow_in_scores_raises_a_typed_error(tmp_path):
+    model, task = _huge_head_model()
+    attributor = InfluenceFunction(model, task, InfluenceConfig()).fit(
+        toy_dataset(12).add_column("group_id", [0, 1, 2] * 4), store=str(tmp_path / "s"))
+    snapshot = _snapshot(tmp_path)
+    # (call, where the message says the overflow is): chunks stop at the first bad one
+    calls = {"score": (lambda: attributor.score(toy_dataset(3)), "query rows [1, 2] against"),
+             "chunked score": (lambda: attributor.score(toy_dataset(3), query_chunk=1),
+                               "query rows [1] against"),
+             "self-influence": (attributor.self_scores, "Self-influence of groups [0, 1, 2]")}
+    for name, (call, where) in calls.items():
+        with pytest.raises(NonFiniteScoresError) as info:
+            call()
+        message = str(info.value)
+        assert where in message and "NaN or infinite" in message, name
+        assert "overflowed float32" in message, name
+        assert "model.double()" in message and "normalize='unit'" in message, name
+        assert isinstance(info.value, NonFiniteError)
+        assert isinstance(info.value, FloatingPointError)
+    assert _snapshot(tmp_path) == snapshot  # nothing written
+
+
+def test_the_named_fix_for_overflow_works():
+    model, task = _huge_head_model()
+    model = model.double()
+    scores = InfluenceFunction(model, task, InfluenceConfig()).fit(
+        toy_dataset(12).add_column("group_id", [0, 1, 2] * 4)).score(toy_dataset(3))
+    assert bool(torch.isfinite(scores.matrix).all()) and scores.matrix.abs().max() > 3.4e38

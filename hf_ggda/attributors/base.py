@@ -37,7 +37,7 @@ from datasets import Dataset
 from .. import SIGN_CONVENTION
 from ..config import ConfigMixin
 from ..curvature import CurvatureContext, Preconditioner
-from ..errors import (GroupingError, MissingColumnError, NotFittedError,
+from ..errors import (GroupingError, MissingColumnError, NonFiniteScoresError, NotFittedError,
                       TokenizationMismatchError)
 from ..fingerprint import hash_json
 from ..gradients.engine import EngineConfig, GradientEngine, GroupGradients, RowFn, plan_groups
@@ -517,13 +517,30 @@ class Attributor(SelfAndDrillMixin, ABC):
                 "Use the same task settings (tokenizer, max_length, padding side) for fit "
                 "and score, or fit again.")
 
-    def _combine(self, query: Sequence[torch.Tensor],
-                 train: Sequence[torch.Tensor]) -> torch.Tensor:
+    def _combine(self, query: Sequence[torch.Tensor], train: Sequence[torch.Tensor],
+                 first_row: int = 0, columns: Optional[Sequence[Any]] = None) -> torch.Tensor:
+        """The (m × K) scores, summed over components: Σ_c w_c q_c t_cᵀ.
+
+        Args:
+            query: Per component, the (m, p) query vectors.
+            train: Per component, the (K, p) training vectors (or the rows of a drill-down).
+            first_row: Row of the first query (chunks), for the error message.
+            columns: Ids of the columns (default: the fitted group ids), for the message.
+
+        Raises:
+            NonFiniteScoresError: Some score is NaN or infinite (an overflow of the dtype).
+        """
         total: Optional[torch.Tensor] = None
         for comp, q, t in zip(self.components, query, train):
             term = comp.weight * (q @ t.T)
             total = term if total is None else total + term
         assert total is not None
+        bad = ~torch.isfinite(total)
+        if bool(bad.any()):
+            ids = list(columns) if columns is not None else self.group_ids
+            rows = (torch.nonzero(bad.any(1)).flatten() + first_row).tolist()
+            groups = [ids[int(k)] for k in torch.nonzero(bad.any(0)).flatten()]
+            raise NonFiniteScoresError(rows, groups, str(total.dtype).replace("torch.", ""))
         return total
 
     def score(self, query_dataset: Dataset, aggregate: Optional[str] = None,

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 import torch
 from datasets import Dataset
 
-from ..errors import MissingColumnError
+from ..errors import MissingColumnError, NonFiniteScoresError
 from ..logging import get_logger
 from ..scores import GroupScores
 from ..tasks import ROW_COLUMN
@@ -52,6 +52,11 @@ class SelfAndDrillMixin:
                             state.dataset, state.group_column, fn=self.self_fn()).gradients
                     own = self._transform(part, own, "query")
                 total += comp.weight * (own * part.train).sum(1).detach().cpu()
+            bad = torch.nonzero(~torch.isfinite(total)).flatten().tolist()
+            if bad:
+                raise NonFiniteScoresError([], [state.group_ids[k] for k in bad],
+                                           str(total.dtype).replace("torch.", ""),
+                                           what="Self-influence of")
             state.self_scores = total
         return state.self_scores.clone()
 
@@ -162,7 +167,7 @@ class SelfAndDrillMixin:
                 rows_vec = normalise_rows(grads.gradients, self.config.normalize,
                                           part.preconditioner)
                 train.append(self._transform(part, rows_vec, "train"))
-        point = self._combine(vectors, train).detach().cpu()
+        point = self._combine(vectors, train, columns=rows).detach().cpu()
         key = row_column or (ROW_COLUMN if ROW_COLUMN in state.dataset.column_names else None)
         if key is not None and key not in subset.column_names:
             raise MissingColumnError(key, subset.column_names, role="row id column")

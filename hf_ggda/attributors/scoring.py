@@ -66,7 +66,7 @@ def score_in_chunks(attributor: "Attributor", queries: Dataset, chunk: int,
     for start in range(0, len(queries), chunk):
         sub = queries.select(range(start, min(start + chunk, len(queries))))
         vectors, _, chunk_fps = attributor._query_vectors(sub, "rows", None)
-        block = attributor._combine(vectors, trains).detach().cpu()
+        block = attributor._combine(vectors, trains, first_row=start).detach().cpu()
         fps.append(chunk_fps)
         if top_k is None:
             blocks.append(block)
