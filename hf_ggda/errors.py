@@ -46,6 +46,11 @@ class GroupingError(GGDAError, ValueError):
     """Grouping cannot be done as asked (K < 1, K > n, classes too small, nulls...)."""
 
 
+class RowAlignmentError(GroupingError):
+    """Per-row results cannot be placed on a dataset: its rows are not the attributed or scored
+    ones (another order or subset without a row-key column, or unknown keys)."""
+
+
 class NoParametersError(GGDAError, ValueError):
     """The parameter selection matched nothing."""
 

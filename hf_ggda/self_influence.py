@@ -23,14 +23,14 @@ from safetensors.torch import save as st_save
 from .errors import MissingColumnError
 from .logging import get_logger
 from .result_files import ResultFormat, check_ids, read_result
+from .alignment import check_positional_rows
 from .scores import (GROUP_RANK_COLUMN, GROUP_SCORE_COLUMN, POINT_SCORE_COLUMN,
-                     SELF_INFLUENCE_COLUMN, _plain, _plain_list)
+                     POINT_SELF_COLUMN, SELF_INFLUENCE_COLUMN, SELF_RANK_COLUMN, _plain,
+                     _plain_list)
 from .store import atomic_write_bytes
 
 logger = get_logger(__name__)
 
-SELF_RANK_COLUMN = "ggda_self_rank"
-POINT_SELF_COLUMN = "ggda_point_self_influence"
 FORMAT = "hf_ggda.self_influence"
 FORMAT_VERSION = 1
 TENSORS_FILE, META_FILE = "self_influence.safetensors", "self_influence.json"
@@ -131,7 +131,8 @@ class SelfInfluence:
 
         Raises:
             MissingColumnError: The group or row-key column is absent.
-            ValueError: Point values keyed by position on a dataset of another length.
+            RowAlignmentError: Point values keyed by position on a dataset that is not the
+                fitted one (another length, order or fingerprint).
         """
         column = group_column or self.group_column
         if column not in train.column_names:
@@ -154,10 +155,8 @@ class SelfInfluence:
         values = dict(zip(self.point_rows or [], self.point_values.tolist()))
         key = row_column or self.point_key
         if key is None:
-            if self.point_rows and max(self.point_rows) >= len(train):
-                raise ValueError("Point self-influence is keyed by row position in the fitted "
-                                 f"dataset, longer than this one ({len(train)} rows); drill "
-                                 "down with row_column= to key rows by an id column.")
+            check_positional_rows(self.fingerprints, train, list(self.point_rows or []),
+                                  "Point self-influence values")
             return [values.get(i) for i in range(len(train))]
         if key not in train.column_names:
             raise MissingColumnError(key, train.column_names, role="row id column")

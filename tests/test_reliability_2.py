@@ -17,9 +17,11 @@ from hf_ggda.errors import (
     NonFiniteError,
     NonFiniteScoresError,
     OutputPathError,
+    RowAlignmentError,
 )
 from hf_ggda.grouping import get_grouper
 from hf_ggda.integrations.hub import OUTPUT_MARKER, save_dataset_atomic
+from hf_ggda.scores import GroupScores
 from hf_ggda.testing import toy_dataset
 
 from .conftest import make_setup
@@ -146,3 +148,70 @@ def test_the_named_fix_for_overflow_works():
     scores = InfluenceFunction(model, task, InfluenceConfig()).fit(
         toy_dataset(12).add_column("group_id", [0, 1, 2] * 4)).score(toy_dataset(3))
     assert bool(torch.isfinite(scores.matrix).all()) and scores.matrix.abs().max() > 3.4e38
+
+
+# -- per-row results land only on the rows they belong to -----------------------------------------
+@pytest.fixture
+def fitted(bert_setup):
+    train = toy_dataset(12).add_column("group_id", [0, 1, 2] * 4)
+    return InfluenceFunction(*bert_setup, InfluenceConfig()).fit(train), train
+
+
+def test_query_columns_on_shuffled_or_other_queries_raise(fitted, tmp_path):
+    attributor, _ = fitted
+    queries = toy_dataset(4, seed=4)
+    for scores in (attributor.score(queries), attributor.score(queries, query_chunk=2)):
+        scores.save_pretrained(str(tmp_path / "s"))
+        for result in (scores, GroupScores.from_pretrained(str(tmp_path / "s"))):
+            for wrong in (queries.select([3, 2, 1, 0]), toy_dataset(4, seed=5)):
+                with pytest.raises(RowAlignmentError) as info:
+                    result.to_query_columns(wrong, k=2)
+                message = str(info.value)
+                assert "not the scored ones" in message and "wrong rows" in message
+                assert "exactly as it was given to score()" in message
+            extra = queries.add_column("note", ["x"] * 4)  # added columns do not matter
+            out = result.to_query_columns(extra, k=2)
+            assert out["ggda_top_groups"] == result.to_query_columns(queries, k=2)[
+                "ggda_top_groups"]
+
+
+def test_positional_drill_down_on_another_dataset_raises(fitted):
+    attributor, train = fitted
+    queries = toy_dataset(3, seed=4)
+    refined = attributor.refine(attributor.score(queries), top_k=1)
+    assert refined.point_key is None  # keyed by position in the fitted dataset
+    drilled = attributor.self_influence(drill_top=1)
+    for result, what in ((refined, "Point scores"), (drilled, "Point self-influence")):
+        for wrong in (train.shuffle(seed=1), train.select(range(6))):
+            with pytest.raises(RowAlignmentError) as info:
+                result.to_dataset_columns(wrong)
+            message = str(info.value)
+            assert what in message and "row position" in message
+            assert "attributor.train_dataset" in message and "row_column=" in message
+        result.to_dataset_columns(train)  # the fitted dataset itself is fine
+
+
+def test_keyed_drill_down_follows_rows_through_a_shuffle(bert_setup):
+    train = toy_dataset(12).add_column("group_id", [0, 1, 2] * 4)
+    train = train.add_column("__ggda_row__", list(range(12)))
+    attributor = InfluenceFunction(*bert_setup, InfluenceConfig()).fit(train)
+    refined = attributor.refine(attributor.score(toy_dataset(3, seed=4)), top_k=1)
+    plain = refined.to_dataset_columns(train)
+    shuffled = refined.to_dataset_columns(train.shuffle(seed=1))
+    by_key = dict(zip(plain["__ggda_row__"], plain["ggda_point_score"]))
+    assert dict(zip(shuffled["__ggda_row__"], shuffled["ggda_point_score"])) == by_key
+    assert sum(v is not None for v in by_key.values()) == 4  # one group of 4 rows drilled
+
+
+def test_stale_self_influence_columns_are_removed(fitted):
+    attributor, train = fitted
+    queries = toy_dataset(3, seed=4)
+    earlier = attributor.self_influence(drill_top=1).to_dataset_columns(train)
+    assert {"ggda_self_influence", "ggda_self_rank"} <= set(earlier.column_names)
+    out = attributor.score(queries).to_dataset_columns(earlier)
+    assert not {"ggda_self_influence", "ggda_self_rank", "ggda_point_self_influence"} & \
+        set(out.column_names)
+    fresh = attributor.score(queries, self_influence=True).to_dataset_columns(earlier)
+    index = {g: i for i, g in enumerate(attributor.group_ids)}
+    expected = attributor.self_scores().tolist()
+    assert fresh["ggda_self_influence"] == [expected[index[g]] for g in fresh["group_id"]]

@@ -35,6 +35,7 @@ import torch
 from datasets import Dataset
 
 from .. import SIGN_CONVENTION
+from ..alignment import rows_signature
 from ..config import ConfigMixin
 from ..curvature import CurvatureContext, Preconditioner
 from ..errors import (GroupingError, MissingColumnError, NonFiniteScoresError, NotFittedError,
@@ -595,7 +596,7 @@ class Attributor(SelfAndDrillMixin, ABC):
             matrix=matrix.detach().cpu(), group_ids=list(state.group_ids), query_ids=ids,
             config={**self.config.to_dict(), "selection_resolved": self.selection.how},
             fingerprints={"train": [p.fingerprint for p in state.parts], "query": key,
-                          "query_gradients": fps},
+                          "query_gradients": fps, "query_rows": rows_signature(query_dataset)},
             sign_convention=SIGN_CONVENTION, query_mode=mode, group_column=state.group_column,
             query_group_column=query_group_column)
         return scores.with_self_influence(self.self_scores()) if self_influence else scores
