@@ -23,7 +23,7 @@ from datasets import Dataset, List, Value
 from safetensors.torch import save as st_save
 
 from . import SIGN_CONVENTION
-from .alignment import check_positional_rows, check_query_rows
+from .alignment import check_grouping, check_positional_rows, check_query_rows
 from .errors import MissingColumnError, ScoresFileError
 from .logging import get_logger
 from .result_files import ResultFormat, check_ids, read_result
@@ -205,11 +205,14 @@ class GroupScores:
         Raises:
             MissingColumnError: The group (or row key) column is absent.
             RowAlignmentError: Point scores are keyed by position but ``train`` is not the
-                fitted dataset (another length, order or fingerprint).
+                fitted dataset (another length, order or fingerprint), or ``train`` has the
+                fitted number of rows but its groups hold other rows than at fit time.
         """
         group_column = group_column or self.group_column
         if group_column not in train.column_names:
             raise MissingColumnError(group_column, train.column_names, role="group column")
+        check_grouping(self.fingerprints.get("train_groups"), train, group_column,
+                       self.group_ids)
         index = self.group_index()
         totals = self.aggregated().tolist()
         ranks = self.ranks().tolist()

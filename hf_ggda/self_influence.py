@@ -23,7 +23,7 @@ from safetensors.torch import save as st_save
 from .errors import MissingColumnError
 from .logging import get_logger
 from .result_files import ResultFormat, check_ids, read_result
-from .alignment import check_positional_rows
+from .alignment import check_grouping, check_positional_rows
 from .scores import (GROUP_RANK_COLUMN, GROUP_SCORE_COLUMN, POINT_SCORE_COLUMN,
                      POINT_SELF_COLUMN, SELF_INFLUENCE_COLUMN, SELF_RANK_COLUMN, _plain,
                      _plain_list)
@@ -132,11 +132,13 @@ class SelfInfluence:
         Raises:
             MissingColumnError: The group or row-key column is absent.
             RowAlignmentError: Point values keyed by position on a dataset that is not the
-                fitted one (another length, order or fingerprint).
+                fitted one (another length, order or fingerprint), or rows grouped otherwise
+                than at fit time.
         """
         column = group_column or self.group_column
         if column not in train.column_names:
             raise MissingColumnError(column, train.column_names, role="group column")
+        check_grouping(self.fingerprints.get("train_groups"), train, column, self.group_ids)
         index = {g: k for k, g in enumerate(self.group_ids)}
         cols = [index.get(_plain(g)) for g in train[column]]
         vals, ranks = self.values.tolist(), self.ranks().tolist()
@@ -245,7 +247,8 @@ def compute_self_influence(attributor: Any, drill_top: int = 0,
     result = SelfInfluence(values=values, group_ids=ids, group_column=state.group_column,
                            config={**attributor.config.to_dict(),
                                    "selection_resolved": attributor.selection.how},
-                           fingerprints={"train": [p.fingerprint for p in state.parts]})
+                           fingerprints={"train": [p.fingerprint for p in state.parts],
+                                         "train_groups": state.group_signature})
     chosen = list(group_ids) if group_ids is not None else \
         [ids[int(k)] for k in torch.argsort(-values.double(), stable=True)[:drill_top]]
     if not chosen:

@@ -215,3 +215,23 @@ def test_stale_self_influence_columns_are_removed(fitted):
     index = {g: i for i, g in enumerate(attributor.group_ids)}
     expected = attributor.self_scores().tolist()
     assert fresh["ggda_self_influence"] == [expected[index[g]] for g in fresh["group_id"]]
+
+
+def test_group_columns_on_rows_grouped_differently_raise(fitted):
+    attributor, train = fitted
+    scores = attributor.score(toy_dataset(3, seed=4), self_influence=True)
+    drilled = attributor.self_influence()
+    regrouped = train.remove_columns("group_id").add_column(  # same K, same ids, other rows
+        "group_id", [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2])
+    for result in (scores, drilled):
+        with pytest.raises(RowAlignmentError) as info:
+            result.to_dataset_columns(regrouped)
+        message = str(info.value)
+        assert "grouped differently" in message and "'group_id'" in message
+        assert "attributor.train_dataset" in message and "fit again" in message
+        shuffled = result.to_dataset_columns(train.shuffle(seed=1))  # any order is fine
+        plain = result.to_dataset_columns(train)
+        key = "ggda_group_score" if result is scores else "ggda_self_influence"
+        assert sorted(zip(shuffled["text"], shuffled[key])) == sorted(zip(plain["text"],
+                                                                          plain[key]))
+        assert len(result.to_dataset_columns(train.select(range(5)))) == 5  # subsets by id

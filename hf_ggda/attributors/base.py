@@ -35,7 +35,7 @@ import torch
 from datasets import Dataset
 
 from .. import SIGN_CONVENTION
-from ..alignment import rows_signature
+from ..alignment import group_signature, rows_signature
 from ..config import ConfigMixin
 from ..curvature import CurvatureContext, Preconditioner
 from ..errors import (GroupingError, MissingColumnError, NonFiniteScoresError, NotFittedError,
@@ -181,6 +181,8 @@ class _Fit:
     parts: list[_Part]
     self_scores: Optional[torch.Tensor] = None
     task_config: dict[str, Any] = field(default_factory=dict)
+    #: Which rows each group held (:func:`hf_ggda.alignment.group_signature`).
+    group_signature: dict[str, Any] = field(default_factory=dict)
 
 
 class Attributor(SelfAndDrillMixin, ABC):
@@ -348,7 +350,9 @@ class Attributor(SelfAndDrillMixin, ABC):
             ids, sizes = part.group_ids, part.sizes
             parts.append(part)
         self._fit = _Fit(train_dataset, group_column, list(ids or []), np.asarray(sizes), parts,
-                         task_config=self.task.config_dict())
+                         task_config=self.task.config_dict(),
+                         group_signature=group_signature(train_dataset, group_column,
+                                                         list(ids or [])))
         self._query_cache.clear()
         logger.info("%s fitted on %d rows in %d groups.", type(self).__name__,
                     len(train_dataset), len(self._fit.group_ids))
@@ -596,7 +600,8 @@ class Attributor(SelfAndDrillMixin, ABC):
             matrix=matrix.detach().cpu(), group_ids=list(state.group_ids), query_ids=ids,
             config={**self.config.to_dict(), "selection_resolved": self.selection.how},
             fingerprints={"train": [p.fingerprint for p in state.parts], "query": key,
-                          "query_gradients": fps, "query_rows": rows_signature(query_dataset)},
+                          "query_gradients": fps, "query_rows": rows_signature(query_dataset),
+                          "train_groups": state.group_signature},
             sign_convention=SIGN_CONVENTION, query_mode=mode, group_column=state.group_column,
             query_group_column=query_group_column)
         return scores.with_self_influence(self.self_scores()) if self_influence else scores

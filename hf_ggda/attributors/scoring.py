@@ -88,6 +88,7 @@ def score_in_chunks(attributor: "Attributor", queries: Dataset, chunk: int,
         matrix=torch.cat(blocks), group_ids=list(state.group_ids), query_ids=ids,
         config=config,
         fingerprints={"train": [p.fingerprint for p in state.parts], "query": key,
-                      "query_gradients": fps, "query_rows": rows_signature(queries)},
+                      "query_gradients": fps, "query_rows": rows_signature(queries),
+                      "train_groups": state.group_signature},
         sign_convention=SIGN_CONVENTION, query_mode="rows", group_column=state.group_column,
         query_group_column=None)
