@@ -46,6 +46,11 @@ class GroupingError(GGDAError, ValueError):
     """Grouping cannot be done as asked (K < 1, K > n, classes too small, nulls...)."""
 
 
+class RowAlignmentError(GroupingError):
+    """Per-row results cannot be placed on a dataset: its rows are not the attributed or scored
+    ones (another order or subset without a row-key column, or unknown keys)."""
+
+
 class NoParametersError(GGDAError, ValueError):
     """The parameter selection matched nothing."""
 
@@ -78,6 +83,26 @@ class NonFiniteError(GGDAError, FloatingPointError):
             "(`dataset.select(...)`), lower the learning rate of the checkpoint, or run the "
             "model in float32."
         )
+
+
+class NonFiniteScoresError(NonFiniteError):
+    """Finite gradients gave NaN or infinite scores: their products overflowed the dtype (e.g.
+    float32 beyond 3.4e38), or a preconditioner with too little damping blew up."""
+
+    def __init__(self, rows: Sequence[int], groups: Sequence[object], dtype: str,
+                 what: str = "Scores of query rows") -> None:
+        self.rows = list(rows)
+        self.groups = list(groups)
+        shown_rows = f"{self.rows[:20]}{' ...' if len(self.rows) > 20 else ''} against " \
+            if self.rows else ""
+        GGDAError.__init__(
+            self,
+            f"{what} {shown_rows}groups {self.groups[:10]}"
+            f"{' ...' if len(self.groups) > 10 else ''} are "
+            f"NaN or infinite although the gradients are finite: the products overflowed "
+            f"{dtype}, or the preconditioner blew up. Compute in float64 (`model.double()`), "
+            "pass normalize='unit' (bounded, cosine-like scores), or raise the damping; no "
+            "scores were returned.")
 
 
 class NotFittedError(GGDAError, RuntimeError):
@@ -169,6 +194,11 @@ class ModelInputError(GGDAError, ValueError):
 
 class ModelStateError(GGDAError, RuntimeError):
     """The model cannot be run as it is (e.g. its weights are on the ``meta`` device)."""
+
+
+class ModelChangedError(GGDAError, RuntimeError):
+    """The model's weights changed since :meth:`~hf_ggda.attributors.Attributor.fit`: new query
+    gradients would be mixed with the training vectors of the old weights."""
 
 
 class ScoresFileError(GGDAError, ValueError):

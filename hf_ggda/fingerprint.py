@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
 
 from . import __version__
 
-#: Parameters larger than this are hashed by a strided sample unless they are selected.
-_FULL_HASH_NUMEL = 1 << 20
+#: Elements copied to the CPU and hashed at a time: bounds the extra memory of hashing a large
+#: (or GPU-resident) weight to one chunk.
+_HASH_CHUNK = 1 << 22
+#: Elements of a tensor hashed when it is hashed by a strided sample (opt-in only).
+_SAMPLE_NUMEL = 4096
 
 
 def hash_json(obj: Any) -> str:
@@ -28,44 +32,53 @@ def hash_json(obj: Any) -> str:
     return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 
 
-def _tensor_bytes(t: torch.Tensor) -> bytes:
-    t = t.detach().cpu().contiguous()
-    if t.dtype == torch.bfloat16:
-        t = t.view(torch.int16)
-    return t.numpy().tobytes()
+def _update_with_tensor(h: Any, t: torch.Tensor) -> None:
+    """Feed every byte of ``t`` to ``h``, a chunk at a time (streamed: no full copy).
+
+    Args:
+        h: A hashlib object.
+        t: Any dense tensor (CPU or accelerator, any dtype).
+    """
+    flat = t.detach().reshape(-1)
+    for start in range(0, flat.numel(), _HASH_CHUNK):
+        part = flat[start:start + _HASH_CHUNK].cpu().contiguous()
+        h.update(part.view(torch.uint8).numpy())
 
 
-def hash_tensors(named: Iterable[tuple[str, torch.Tensor]], full: set[str] | None = None) -> str:
-    """Hash named tensors; those not in ``full`` and large are hashed by a strided sample.
+def hash_tensors(named: Iterable[tuple[str, torch.Tensor]],
+                 sampled: Collection[str] = ()) -> str:
+    """Hash named tensors: names, shapes, dtypes and every value (streamed).
 
     Args:
         named: (name, tensor) pairs, e.g. ``model.named_parameters()``.
-        full: Names always hashed in full (the selected parameters).
+        sampled: Names hashed by a strided sample of about 4,096 values instead (an opt-in
+            shortcut: a change the sample misses goes unseen). Default: none.
 
     Returns:
-        A 16-hex-digit digest covering names, shapes, dtypes and values.
+        A 16-hex-digit digest that changes when any value of a tensor hashed in full changes.
     """
     h = hashlib.blake2b(digest_size=8)
-    full = full or set()
+    sampled = set(sampled)
     for name, t in named:
         h.update(f"{name}|{tuple(t.shape)}|{t.dtype}".encode())
-        flat = t.detach().reshape(-1)
-        if name not in full and flat.numel() > _FULL_HASH_NUMEL:
-            step = flat.numel() // 4096
-            flat = flat[::step]
-        h.update(_tensor_bytes(flat))
+        if name in sampled and t.numel() > _SAMPLE_NUMEL:
+            t = t.detach().reshape(-1)[::t.numel() // _SAMPLE_NUMEL]
+        _update_with_tensor(h, t)
     return h.hexdigest()
 
 
-def hash_model(model: torch.nn.Module, selected: Iterable[str]) -> str:
-    """Hash a model's weights (selected parameters in full, the rest by sample).
+def hash_model(model: torch.nn.Module, sampled: Collection[str] = ()) -> str:
+    """Hash every weight that can change the model's gradients: all parameters and buffers.
+
+    Frozen weights are hashed in full too (an edited frozen base weight changes the gradients
+    of the adapters), streamed a chunk at a time.
 
     Args:
         model: Any torch module.
-        selected: Names of the selected parameters.
+        sampled: Names hashed by a strided sample only (opt-in; default none).
 
     Returns:
-        A digest that changes when any selected weight changes.
+        A digest that changes when any parameter or buffer changes.
     """
     named = list(model.named_parameters()) + list(model.named_buffers())
     # PEFT keeps the frozen original of a `modules_to_save` layer beside the trained copy; the
@@ -73,7 +86,7 @@ def hash_model(model: torch.nn.Module, selected: Iterable[str]) -> str:
     saved = {n.split(".modules_to_save.")[0] for n, _ in named if ".modules_to_save." in n}
     named = [(n, t) for n, t in named
              if not (".original_module." in n and n.split(".original_module.")[0] in saved)]
-    return hash_tensors(named, full=set(selected))
+    return hash_tensors(named, sampled)
 
 
 def hash_array(values: Any) -> str:

@@ -23,6 +23,7 @@ from datasets import Dataset, List, Value
 from safetensors.torch import save as st_save
 
 from . import SIGN_CONVENTION
+from .alignment import check_grouping, check_positional_rows, check_query_rows
 from .errors import MissingColumnError, ScoresFileError
 from .logging import get_logger
 from .result_files import ResultFormat, check_ids, read_result
@@ -41,6 +42,10 @@ GROUP_SCORE_COLUMN = "ggda_group_score"
 GROUP_RANK_COLUMN = "ggda_group_rank"
 SELF_INFLUENCE_COLUMN = "ggda_self_influence"
 POINT_SCORE_COLUMN = "ggda_point_score"
+#: Columns written by :meth:`hf_ggda.self_influence.SelfInfluence.to_dataset_columns` besides
+#: ``ggda_self_influence``; stale ones are removed when group scores are written.
+SELF_RANK_COLUMN = "ggda_self_rank"
+POINT_SELF_COLUMN = "ggda_point_self_influence"
 #: Names of the columns written by :meth:`GroupScores.to_query_columns`.
 TOP_GROUPS_COLUMN = "ggda_top_groups"
 TOP_SCORES_COLUMN = "ggda_top_scores"
@@ -194,15 +199,20 @@ class GroupScores:
                 must be the fitted one, in the same order).
 
         Returns:
-            ``train`` with the new columns (existing ones of the same name are replaced).
+            ``train`` with the new columns (existing ones of the same name are replaced, and
+            self-influence columns of an earlier run removed when these scores carry none).
 
         Raises:
             MissingColumnError: The group (or row key) column is absent.
-            ValueError: Point scores are keyed by position but ``train`` has another length.
+            RowAlignmentError: Point scores are keyed by position but ``train`` is not the
+                fitted dataset (another length, order or fingerprint), or ``train`` has the
+                fitted number of rows but its groups hold other rows than at fit time.
         """
         group_column = group_column or self.group_column
         if group_column not in train.column_names:
             raise MissingColumnError(group_column, train.column_names, role="group column")
+        check_grouping(self.fingerprints.get("train_groups"), train, group_column,
+                       self.group_ids)
         index = self.group_index()
         totals = self.aggregated().tolist()
         ranks = self.ranks().tolist()
@@ -222,7 +232,13 @@ class GroupScores:
             new[SELF_INFLUENCE_COLUMN] = ([None if c is None else si[c] for c in cols],
                                           Value("float64"))
         new[POINT_SCORE_COLUMN] = (self._point_column(train, row_column), Value("float64"))
-        out = train
+        # self-influence columns of an earlier run must not sit beside these scores
+        stale = [c for c in (SELF_INFLUENCE_COLUMN, SELF_RANK_COLUMN, POINT_SELF_COLUMN)
+                 if c in train.column_names and c not in new]
+        if stale:
+            logger.info("Removing %s of an earlier run (these scores carry no self-influence).",
+                        stale)
+        out = train.remove_columns(stale) if stale else train
         for name, (values, feature) in new.items():
             if name in out.column_names:
                 out = out.remove_columns(name)
@@ -235,10 +251,8 @@ class GroupScores:
         key = row_column or self.point_key
         totals = dict(zip(self.point_rows or [], self.point_scores.sum(0).tolist()))
         if key is None:
-            if self.point_rows and max(self.point_rows) >= len(train):
-                raise ValueError("Point scores are keyed by row position in the fitted dataset, "
-                                 f"which is longer than this one ({len(train)} rows). Pass "
-                                 "`row_column` to the drill-down to key rows by an id column.")
+            check_positional_rows(self.fingerprints, train, list(self.point_rows or []),
+                                  "Point scores")
             return [totals.get(i) for i in range(len(train))]
         if key not in train.column_names:
             raise MissingColumnError(key, train.column_names, role="row id column")
@@ -259,6 +273,8 @@ class GroupScores:
 
         Raises:
             ValueError: The scores were summed over all queries, or the lengths differ.
+            RowAlignmentError: Mode ``"rows"`` and these are not the scored query rows in
+                the scored order (shuffled, filtered or other rows).
             MissingColumnError: The query group column is absent (mode ``"groups"``).
         """
         if self.query_mode == "sum":
@@ -269,6 +285,7 @@ class GroupScores:
             if len(query) != self.num_queries:
                 raise ValueError(f"The query dataset has {len(query)} rows but the scores "
                                  f"have {self.num_queries} queries.")
+            check_query_rows(self.fingerprints.get("query_rows"), query)
             slots = list(range(len(query)))
         else:
             col = self.query_group_column or ""

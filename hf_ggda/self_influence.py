@@ -23,14 +23,14 @@ from safetensors.torch import save as st_save
 from .errors import MissingColumnError
 from .logging import get_logger
 from .result_files import ResultFormat, check_ids, read_result
+from .alignment import check_grouping, check_positional_rows
 from .scores import (GROUP_RANK_COLUMN, GROUP_SCORE_COLUMN, POINT_SCORE_COLUMN,
-                     SELF_INFLUENCE_COLUMN, _plain, _plain_list)
+                     POINT_SELF_COLUMN, SELF_INFLUENCE_COLUMN, SELF_RANK_COLUMN, _plain,
+                     _plain_list)
 from .store import atomic_write_bytes
 
 logger = get_logger(__name__)
 
-SELF_RANK_COLUMN = "ggda_self_rank"
-POINT_SELF_COLUMN = "ggda_point_self_influence"
 FORMAT = "hf_ggda.self_influence"
 FORMAT_VERSION = 1
 TENSORS_FILE, META_FILE = "self_influence.safetensors", "self_influence.json"
@@ -131,11 +131,14 @@ class SelfInfluence:
 
         Raises:
             MissingColumnError: The group or row-key column is absent.
-            ValueError: Point values keyed by position on a dataset of another length.
+            RowAlignmentError: Point values keyed by position on a dataset that is not the
+                fitted one (another length, order or fingerprint), or rows grouped otherwise
+                than at fit time.
         """
         column = group_column or self.group_column
         if column not in train.column_names:
             raise MissingColumnError(column, train.column_names, role="group column")
+        check_grouping(self.fingerprints.get("train_groups"), train, column, self.group_ids)
         index = {g: k for k, g in enumerate(self.group_ids)}
         cols = [index.get(_plain(g)) for g in train[column]]
         vals, ranks = self.values.tolist(), self.ranks().tolist()
@@ -154,10 +157,8 @@ class SelfInfluence:
         values = dict(zip(self.point_rows or [], self.point_values.tolist()))
         key = row_column or self.point_key
         if key is None:
-            if self.point_rows and max(self.point_rows) >= len(train):
-                raise ValueError("Point self-influence is keyed by row position in the fitted "
-                                 f"dataset, longer than this one ({len(train)} rows); drill "
-                                 "down with row_column= to key rows by an id column.")
+            check_positional_rows(self.fingerprints, train, list(self.point_rows or []),
+                                  "Point self-influence values")
             return [values.get(i) for i in range(len(train))]
         if key not in train.column_names:
             raise MissingColumnError(key, train.column_names, role="row id column")
@@ -246,7 +247,8 @@ def compute_self_influence(attributor: Any, drill_top: int = 0,
     result = SelfInfluence(values=values, group_ids=ids, group_column=state.group_column,
                            config={**attributor.config.to_dict(),
                                    "selection_resolved": attributor.selection.how},
-                           fingerprints={"train": [p.fingerprint for p in state.parts]})
+                           fingerprints={"train": [p.fingerprint for p in state.parts],
+                                         "train_groups": state.group_signature})
     chosen = list(group_ids) if group_ids is not None else \
         [ids[int(k)] for k in torch.argsort(-values.double(), stable=True)[:drill_top]]
     if not chosen:

@@ -29,7 +29,8 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 from datasets import Dataset
 
-from .errors import EmptyDatasetError, GroupingError, MissingColumnError
+from .errors import (EmptyDatasetError, GroupingError, MissingColumnError,
+                     RowAlignmentError)
 from .logging import get_logger
 from .scores import GroupScores, _plain
 from .tasks import ROW_COLUMN
@@ -42,11 +43,6 @@ SOURCE_RANK_COLUMN = "ggda_source_rank"
 SOURCE_POINT_COLUMN = "ggda_source_point_score"
 TABLE_COLUMNS = ("evaluation", "source", "rows", "score", "ci_low", "ci_high", "rank",
                  "harmful", "helpful")
-
-
-class RowAlignmentError(GroupingError):
-    """Per-row results cannot be placed on a dataset: its rows are not the attributed ones
-    (another order or subset without a row-key column, or unknown keys)."""
 
 
 @dataclass

@@ -17,10 +17,12 @@ from hypothesis import strategies as st
 
 from hf_ggda.attributors import InfluenceConfig, InfluenceFunction
 from hf_ggda.errors import (ColumnTypeError, EmptyDatasetError, GroupingError,
-                            ManifestError, MissingColumnError, NoParametersError,
+                            ManifestError, MissingColumnError, ModelChangedError,
+                            NoParametersError,
                             NonFiniteError, NotFittedError, PartialSelectionWarning,
                             StoreMismatchError, StoreNotFoundError, StorePathError,
                             TokenizationMismatchError)
+from hf_ggda.fingerprint import hash_model, hash_tensors
 from hf_ggda.gradients import EngineConfig, GradientEngine
 from hf_ggda.grouping import get_grouper
 from hf_ggda.params import ParameterSelection
@@ -325,3 +327,74 @@ def test_cli_store_path_that_is_a_file_exits_2(saved_model, capsys):
     err = capsys.readouterr().err
     assert "hf-ggda: error:" in err and "not a folder" in err and "Traceback" not in err
     assert (d / "st").read_bytes() == b"user data" and not (d / "o").exists()
+
+
+# -- the model state: results carry the weight hash of fit(); new gradients from other weights
+#    are refused, and every weight (frozen base weights too) is in the hash
+def _edit_lora(model, delta):
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if "lora_B" in n).add_(delta)
+
+
+def test_score_after_the_weights_changed_raises_and_writes_nothing(bert_setup, tmp_path):
+    model, task = bert_setup
+    attributor = InfluenceFunction(model, task, InfluenceConfig()).fit(
+        grouped(), store=str(tmp_path / "s"))
+    queries = toy_dataset(3, seed=4)
+    before = attributor.score(queries)
+    assert before.fingerprints["train"][0]["model"] == \
+        before.fingerprints["query_gradients"][0]["model"]  # results carry the weight hash
+    snapshot = _snapshot(tmp_path)
+    _edit_lora(model, 0.5)  # e.g. training went on after fit()
+    calls = {"score": lambda: attributor.score(queries),
+             "chunked score": lambda: attributor.score(queries, query_chunk=1),
+             "drill-down": lambda: attributor.refine(before, top_k=1, query_dataset=queries),
+             "row self-influence": lambda: attributor.row_self_scores(grouped().select([0]))}
+    for name, call in calls.items():
+        with pytest.raises(ModelChangedError) as info:
+            call()
+        message = str(info.value)
+        assert "changed since fit()" in message, name
+        assert "Call fit() again" in message and "restore the weights" in message, name
+        assert isinstance(info.value, RuntimeError)
+    assert _snapshot(tmp_path) == snapshot  # nothing written, nothing lost
+    _edit_lora(model, -0.5)  # the weights fit() saw: scoring works again, same numbers
+    torch.testing.assert_close(attributor.score(queries).matrix, before.matrix)
+
+
+def test_frozen_base_weight_edit_is_seen_by_store_and_score(bert_setup, tmp_path):
+    model, task = bert_setup
+    store = str(tmp_path / "s")
+    engine = GradientEngine(model, task)
+    engine.group_gradients(grouped(), store=store)
+    attributor = InfluenceFunction(model, task, InfluenceConfig()).fit(grouped())
+    frozen = next(p for n, p in model.named_parameters()
+                  if not p.requires_grad and "word_embeddings" in n)
+    with torch.no_grad():
+        frozen.view(-1)[1] += 1e-3  # one value of a frozen base weight
+    snapshot = _snapshot(tmp_path)
+    with pytest.raises(StoreMismatchError, match="'model'") as info:
+        engine.group_gradients(grouped(), store=store)  # no stale store reused
+    assert "overwrite=True" in str(info.value)
+    with pytest.raises(ModelChangedError, match="Call fit\\(\\) again"):
+        attributor.score(toy_dataset(2))
+    assert _snapshot(tmp_path) == snapshot
+
+
+def test_weight_hash_covers_every_value_of_large_tensors():
+    """Large weights were once hashed by a 4,096-value stride; now every value counts."""
+    layer = torch.nn.Linear(2048, 1024, bias=False)
+    layer.weight.requires_grad_(False)
+    before = hash_model(layer)
+    original = layer.weight.view(-1)[1].item()
+    with torch.no_grad():
+        layer.weight.view(-1)[1] += 1.0  # between two strided samples
+    assert hash_model(layer) != before
+    sampled = hash_model(layer, sampled=["weight"])  # the explicit opt-in shortcut
+    with torch.no_grad():
+        layer.weight.view(-1)[1] = original
+    assert hash_model(layer) == before and hash_model(layer, sampled=["weight"]) == sampled
+    for dtype in (torch.bfloat16, torch.float16, torch.bool):  # any dtype streams as bytes
+        t = torch.zeros(3000, dtype=dtype)
+        edited = t.clone().index_fill_(0, torch.tensor([7]), 1)
+        assert hash_tensors([("t", t)]) != hash_tensors([("t", edited)])

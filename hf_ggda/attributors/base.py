@@ -35,9 +35,10 @@ import torch
 from datasets import Dataset
 
 from .. import SIGN_CONVENTION
+from ..alignment import group_signature, rows_signature
 from ..config import ConfigMixin
 from ..curvature import CurvatureContext, Preconditioner
-from ..errors import (GroupingError, MissingColumnError, NotFittedError,
+from ..errors import (GroupingError, MissingColumnError, NonFiniteScoresError, NotFittedError,
                       TokenizationMismatchError)
 from ..fingerprint import hash_json
 from ..gradients.engine import EngineConfig, GradientEngine, GroupGradients, RowFn, plan_groups
@@ -49,6 +50,7 @@ from ..tasks import GROUP_COLUMN, AttributionTask
 from .checkpoints import Checkpoint
 from ..curvature.mix import CurvatureData, resolve_curvature_dataset
 from .drilldown import SelfAndDrillMixin
+from .model_state import check_model_unchanged
 from .normalise import check_normalize, normalise_rows, row_weights
 
 if TYPE_CHECKING:
@@ -179,6 +181,8 @@ class _Fit:
     parts: list[_Part]
     self_scores: Optional[torch.Tensor] = None
     task_config: dict[str, Any] = field(default_factory=dict)
+    #: Which rows each group held (:func:`hf_ggda.alignment.group_signature`).
+    group_signature: dict[str, Any] = field(default_factory=dict)
 
 
 class Attributor(SelfAndDrillMixin, ABC):
@@ -346,7 +350,9 @@ class Attributor(SelfAndDrillMixin, ABC):
             ids, sizes = part.group_ids, part.sizes
             parts.append(part)
         self._fit = _Fit(train_dataset, group_column, list(ids or []), np.asarray(sizes), parts,
-                         task_config=self.task.config_dict())
+                         task_config=self.task.config_dict(),
+                         group_signature=group_signature(train_dataset, group_column,
+                                                         list(ids or [])))
         self._query_cache.clear()
         logger.info("%s fitted on %d rows in %d groups.", type(self).__name__,
                     len(train_dataset), len(self._fit.group_ids))
@@ -470,6 +476,7 @@ class Attributor(SelfAndDrillMixin, ABC):
         for c, (comp, part) in enumerate(zip(self.components, state.parts)):
             engine = self._engine(c, comp)
             with comp.activate(self.model):
+                check_model_unchanged(self.model, part.fingerprint, "scoring")
                 if self.config.normalize is not None:
                     grads = self._normalised_queries(engine, part, dataset, mode, column)
                 else:
@@ -515,13 +522,30 @@ class Attributor(SelfAndDrillMixin, ABC):
                 "Use the same task settings (tokenizer, max_length, padding side) for fit "
                 "and score, or fit again.")
 
-    def _combine(self, query: Sequence[torch.Tensor],
-                 train: Sequence[torch.Tensor]) -> torch.Tensor:
+    def _combine(self, query: Sequence[torch.Tensor], train: Sequence[torch.Tensor],
+                 first_row: int = 0, columns: Optional[Sequence[Any]] = None) -> torch.Tensor:
+        """The (m × K) scores, summed over components: Σ_c w_c q_c t_cᵀ.
+
+        Args:
+            query: Per component, the (m, p) query vectors.
+            train: Per component, the (K, p) training vectors (or the rows of a drill-down).
+            first_row: Row of the first query (chunks), for the error message.
+            columns: Ids of the columns (default: the fitted group ids), for the message.
+
+        Raises:
+            NonFiniteScoresError: Some score is NaN or infinite (an overflow of the dtype).
+        """
         total: Optional[torch.Tensor] = None
         for comp, q, t in zip(self.components, query, train):
             term = comp.weight * (q @ t.T)
             total = term if total is None else total + term
         assert total is not None
+        bad = ~torch.isfinite(total)
+        if bool(bad.any()):
+            ids = list(columns) if columns is not None else self.group_ids
+            rows = (torch.nonzero(bad.any(1)).flatten() + first_row).tolist()
+            groups = [ids[int(k)] for k in torch.nonzero(bad.any(0)).flatten()]
+            raise NonFiniteScoresError(rows, groups, str(total.dtype).replace("torch.", ""))
         return total
 
     def score(self, query_dataset: Dataset, aggregate: Optional[str] = None,
@@ -576,7 +600,8 @@ class Attributor(SelfAndDrillMixin, ABC):
             matrix=matrix.detach().cpu(), group_ids=list(state.group_ids), query_ids=ids,
             config={**self.config.to_dict(), "selection_resolved": self.selection.how},
             fingerprints={"train": [p.fingerprint for p in state.parts], "query": key,
-                          "query_gradients": fps},
+                          "query_gradients": fps, "query_rows": rows_signature(query_dataset),
+                          "train_groups": state.group_signature},
             sign_convention=SIGN_CONVENTION, query_mode=mode, group_column=state.group_column,
             query_group_column=query_group_column)
         return scores.with_self_influence(self.self_scores()) if self_influence else scores

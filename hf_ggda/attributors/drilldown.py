@@ -14,10 +14,11 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 import torch
 from datasets import Dataset
 
-from ..errors import MissingColumnError
+from ..errors import MissingColumnError, NonFiniteScoresError
 from ..logging import get_logger
 from ..scores import GroupScores
 from ..tasks import ROW_COLUMN
+from .model_state import check_model_unchanged
 from .normalise import normalise_rows
 
 if TYPE_CHECKING:
@@ -44,11 +45,18 @@ class SelfAndDrillMixin:
             total = torch.zeros(len(state.group_ids), dtype=state.parts[0].raw.dtype)
             for c, (comp, part) in enumerate(zip(self.components, state.parts)):
                 with comp.activate(self.model):
+                    if self.self_fn() != self.train_fn():  # new gradients of the fitted rows
+                        check_model_unchanged(self.model, part.fingerprint, "self-influence")
                     own = part.raw if self.self_fn() == self.train_fn() else \
                         self._engine(c, comp).group_gradients(
                             state.dataset, state.group_column, fn=self.self_fn()).gradients
                     own = self._transform(part, own, "query")
                 total += comp.weight * (own * part.train).sum(1).detach().cpu()
+            bad = torch.nonzero(~torch.isfinite(total)).flatten().tolist()
+            if bad:
+                raise NonFiniteScoresError([], [state.group_ids[k] for k in bad],
+                                           str(total.dtype).replace("torch.", ""),
+                                           what="Self-influence of")
             state.self_scores = total
         return state.self_scores.clone()
 
@@ -71,6 +79,7 @@ class SelfAndDrillMixin:
         for c, (comp, part) in enumerate(zip(self.components, state.parts)):
             engine = self._engine(c, comp)
             with comp.activate(self.model):
+                check_model_unchanged(self.model, part.fingerprint, "row self-influence")
                 grads = engine.per_example_gradients(rows, fn=self.train_fn()).gradients
                 grads = normalise_rows(grads, self.config.normalize, part.preconditioner)
                 own = grads if self.self_fn() == self.train_fn() else \
@@ -153,11 +162,12 @@ class SelfAndDrillMixin:
         train = []
         for c, (comp, part) in enumerate(zip(self.components, state.parts)):
             with comp.activate(self.model):
+                check_model_unchanged(self.model, part.fingerprint, "the drill-down")
                 grads = self._engine(c, comp).per_example_gradients(subset, fn=self.train_fn())
                 rows_vec = normalise_rows(grads.gradients, self.config.normalize,
                                           part.preconditioner)
                 train.append(self._transform(part, rows_vec, "train"))
-        point = self._combine(vectors, train).detach().cpu()
+        point = self._combine(vectors, train, columns=rows).detach().cpu()
         key = row_column or (ROW_COLUMN if ROW_COLUMN in state.dataset.column_names else None)
         if key is not None and key not in subset.column_names:
             raise MissingColumnError(key, subset.column_names, role="row id column")

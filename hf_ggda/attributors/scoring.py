@@ -15,6 +15,7 @@ import torch
 from datasets import Dataset
 
 from .. import SIGN_CONVENTION
+from ..alignment import rows_signature
 from ..fingerprint import hash_json
 from ..scores import GroupScores
 from ..top_groups import TopGroupScores
@@ -66,7 +67,7 @@ def score_in_chunks(attributor: "Attributor", queries: Dataset, chunk: int,
     for start in range(0, len(queries), chunk):
         sub = queries.select(range(start, min(start + chunk, len(queries))))
         vectors, _, chunk_fps = attributor._query_vectors(sub, "rows", None)
-        block = attributor._combine(vectors, trains).detach().cpu()
+        block = attributor._combine(vectors, trains, first_row=start).detach().cpu()
         fps.append(chunk_fps)
         if top_k is None:
             blocks.append(block)
@@ -87,6 +88,7 @@ def score_in_chunks(attributor: "Attributor", queries: Dataset, chunk: int,
         matrix=torch.cat(blocks), group_ids=list(state.group_ids), query_ids=ids,
         config=config,
         fingerprints={"train": [p.fingerprint for p in state.parts], "query": key,
-                      "query_gradients": fps},
+                      "query_gradients": fps, "query_rows": rows_signature(queries),
+                      "train_groups": state.group_signature},
         sign_convention=SIGN_CONVENTION, query_mode="rows", group_column=state.group_column,
         query_group_column=None)

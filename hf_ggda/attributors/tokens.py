@@ -22,6 +22,7 @@ import torch
 from datasets import Dataset
 
 from ..tasks import CausalLMTask
+from .model_state import check_model_unchanged
 from .normalise import inverse_norms, metric_norms
 
 if TYPE_CHECKING:
@@ -106,6 +107,7 @@ def token_scores(attributor: "Attributor", query_dataset: Dataset, row: int = 0)
     for c, (comp, part) in enumerate(zip(attributor.components, state.parts)):
         engine = attributor._engine(c, comp)
         with comp.activate(attributor.model):
+            check_model_unchanged(attributor.model, part.fingerprint, "token scores")
             grads = torch.cat([engine.group_gradients(one, _ONE, fn=_token_fn(task, i, scale))
                                .gradients for i in range(len(positions))])
             kind = attributor.config.normalize

@@ -92,8 +92,9 @@ def model_weights_hash(model: torch.nn.Module, params: str = "all") -> str:
 
     Args:
         model: The model.
-        params: ``"all"`` (every parameter hashed in full) or ``"trainable"`` (trainable ones in
-            full, the rest by a strided sample).
+        params: ``"all"`` (every parameter and buffer hashed in full, the default) or
+            ``"trainable"`` (an opt-in shortcut: trainable ones in full, frozen ones by a
+            strided sample, so an edit of a frozen weight can go unseen).
 
     Returns:
         A digest that changes when any hashed-in-full weight changes.
@@ -102,12 +103,10 @@ def model_weights_hash(model: torch.nn.Module, params: str = "all") -> str:
         ValueError: Unknown ``params``.
     """
     if params == "all":
-        names = [n for n, _ in model.named_parameters()]
-    elif params == "trainable":
-        names = [n for n, p in model.named_parameters() if p.requires_grad]
-    else:
-        raise ValueError(f"params must be 'all' or 'trainable', got {params!r}.")
-    return hash_model(model, names)
+        return hash_model(model)
+    if params == "trainable":
+        return hash_model(model, [n for n, p in model.named_parameters() if not p.requires_grad])
+    raise ValueError(f"params must be 'all' or 'trainable', got {params!r}.")
 
 
 @dataclass
