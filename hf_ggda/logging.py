@@ -38,7 +38,7 @@ def is_main_process() -> bool:
 
 
 class _MainProcessFilter(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:  # noqa: A003
+    def filter(self, record: logging.LogRecord) -> bool:
         return is_main_process() or getattr(record, "all_ranks", False)
 
 

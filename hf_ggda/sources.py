@@ -350,6 +350,13 @@ def attribute_sources(attributor: Any, train: Dataset, evaluations: Any, source_
     return report
 
 
-__all__: Sequence[str] = ("SourceReport", "RowAlignmentError", "attribute_sources",
-                          "bootstrap_interval", "check_sources", "SOURCE_SCORE_COLUMN",
-                          "SOURCE_RANK_COLUMN", "SOURCE_POINT_COLUMN")
+__all__: Sequence[str] = (
+    "SOURCE_POINT_COLUMN",
+    "SOURCE_RANK_COLUMN",
+    "SOURCE_SCORE_COLUMN",
+    "RowAlignmentError",
+    "SourceReport",
+    "attribute_sources",
+    "bootstrap_interval",
+    "check_sources",
+)

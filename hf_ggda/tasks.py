@@ -19,8 +19,14 @@ from .chat import check_chat_tokenizer, encode_chat_rows
 from .errors import ColumnTypeError, EmptyDatasetError, MissingColumnError
 from .fingerprint import hash_json
 from .logging import get_logger
-from .validation import (check_class_ids, check_inputs_fit_model, check_labels_fit_head,
-                         check_model_ready, check_no_nulls, ensure_dataset)
+from .validation import (
+    check_class_ids,
+    check_inputs_fit_model,
+    check_labels_fit_head,
+    check_model_ready,
+    check_no_nulls,
+    ensure_dataset,
+)
 
 logger = get_logger(__name__)
 

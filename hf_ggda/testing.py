@@ -65,8 +65,14 @@ def tiny_model(arch: str, vocab_size: int, num_labels: int = 3, seed: int = 0) -
         num_labels: Classes (BERT only).
         seed: Initialisation seed.
     """
-    from transformers import (BertConfig, BertForSequenceClassification, GPT2Config,
-                              GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM)
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
 
     torch.manual_seed(seed)
     if arch == "bert":

@@ -8,8 +8,12 @@ import pytest
 import torch
 
 from hf_ggda.errors import EmptyDatasetError, GroupingError
-from hf_ggda.gradients import (EngineConfig, GradientEngine, random_stream_groups,
-                               stream_group_gradients)
+from hf_ggda.gradients import (
+    EngineConfig,
+    GradientEngine,
+    random_stream_groups,
+    stream_group_gradients,
+)
 from hf_ggda.testing import toy_dataset
 
 from .conftest import make_setup

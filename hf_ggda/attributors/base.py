@@ -27,8 +27,18 @@ from abc import ABC
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import (TYPE_CHECKING, Any, Callable, ClassVar, ContextManager, Iterator, Mapping, Optional,
-                    Sequence, Union)
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    ClassVar,
+    ContextManager,
+    Iterator,
+    Mapping,
+    Optional,
+    Sequence,
+    Union,
+)
 
 import numpy as np
 import torch
@@ -38,8 +48,14 @@ from .. import SIGN_CONVENTION
 from ..alignment import group_signature, rows_signature
 from ..config import ConfigMixin
 from ..curvature import CurvatureContext, Preconditioner
-from ..errors import (GroupingError, MissingColumnError, NonFiniteScoresError, NotFittedError,
-                      TokenizationMismatchError)
+from ..curvature.mix import CurvatureData, resolve_curvature_dataset
+from ..errors import (
+    GroupingError,
+    MissingColumnError,
+    NonFiniteScoresError,
+    NotFittedError,
+    TokenizationMismatchError,
+)
 from ..fingerprint import hash_json
 from ..gradients.engine import EngineConfig, GradientEngine, GroupGradients, RowFn, plan_groups
 from ..gradients.taps import PassTap
@@ -48,7 +64,6 @@ from ..params import ParameterSelection
 from ..scores import GroupScores
 from ..tasks import GROUP_COLUMN, AttributionTask
 from .checkpoints import Checkpoint
-from ..curvature.mix import CurvatureData, resolve_curvature_dataset
 from .drilldown import SelfAndDrillMixin
 from .model_state import check_model_unchanged
 from .normalise import check_normalize, normalise_rows, row_weights
@@ -425,7 +440,7 @@ class Attributor(SelfAndDrillMixin, ABC):
         with comp.activate(self.model):
             feature_tap = grouper.pass_tap(self.model, self.task, len(train),  # type: ignore
                                            sign=self.train_sign())
-            taps = self.prepare_pass(c, comp, engine, train, sub) + [feature_tap]
+            taps = [*self.prepare_pass(c, comp, engine, train, sub), feature_tap]
             points = engine.per_example_gradients(  # n vectors stay on disk with a store
                 train, fn=self.train_fn(), taps=taps, overwrite=overwrite, keep=False,
                 store=None if sub is None else str(sub / "points"))

@@ -7,8 +7,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import (CurvatureContext, CurvatureError, IdentityPreconditioner,
-                   MatrixPreconditioner, Preconditioner, psd_solve)
+from .base import (
+    CurvatureContext,
+    CurvatureError,
+    IdentityPreconditioner,
+    MatrixPreconditioner,
+    Preconditioner,
+    psd_solve,
+)
 from .datainf import DataInf
 from .hessian import ExactHessian, LiSSA, hessian_vector_products
 from .kfac import EKFAC, KFAC
@@ -38,6 +44,19 @@ def make_preconditioner(name: str, **options: Any) -> Preconditioner:
     return PRECONDITIONERS[name](**options)
 
 
-__all__ = ["CurvatureContext", "CurvatureError", "DataInf", "EKFAC", "ExactHessian",
-           "IdentityPreconditioner", "KFAC", "LiSSA", "MatrixPreconditioner", "PRECONDITIONERS",
-           "Preconditioner", "hessian_vector_products", "make_preconditioner", "psd_solve"]
+__all__ = [
+    "EKFAC",
+    "KFAC",
+    "PRECONDITIONERS",
+    "CurvatureContext",
+    "CurvatureError",
+    "DataInf",
+    "ExactHessian",
+    "IdentityPreconditioner",
+    "LiSSA",
+    "MatrixPreconditioner",
+    "Preconditioner",
+    "hessian_vector_products",
+    "make_preconditioner",
+    "psd_solve",
+]

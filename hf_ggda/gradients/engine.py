@@ -19,8 +19,8 @@ from datasets import Dataset
 
 from ..config import ConfigMixin
 from ..errors import GroupingError, MissingColumnError, NonFiniteError
-from ..integrations.distributed import all_reduce_sum, barrier, rank_and_world
 from ..fingerprint import hash_array, hash_json, hash_model, request_fingerprint
+from ..integrations.distributed import all_reduce_sum, barrier, rank_and_world
 from ..logging import get_logger, progress
 from ..params import ParameterSelection, SelectionSpec
 from ..store import GradientStore

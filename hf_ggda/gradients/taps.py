@@ -55,7 +55,7 @@ class PassTap(ABC):
             calls: Per module id, the (input, output gradient) pairs of the batch.
         """
 
-    def finish(self) -> None:
+    def finish(self) -> None:  # noqa: B027 - optional hook: taps without statistics keep it
         """Sum the statistics over processes (call once, on every process, after the pass)."""
 
 

@@ -15,17 +15,41 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import Any, Optional
 
-from .base import (Assignment, Grouper, GrouperConfig, GroupingReport, model_weights_hash,
-                   write_group_column)
-from .clustering import ClusterResult, capped_assign, canonical_labels, fit_kmeans
-from .coherence import (CoherenceResult, coherence_from_gradients, compare_groupings,
-                        group_coherence, sample_rows)
+from .base import (
+    Assignment,
+    Grouper,
+    GrouperConfig,
+    GroupingReport,
+    model_weights_hash,
+    write_group_column,
+)
+from .clustering import ClusterResult, canonical_labels, capped_assign, fit_kmeans
+from .coherence import (
+    CoherenceResult,
+    coherence_from_gradients,
+    compare_groupings,
+    group_coherence,
+    sample_rows,
+)
 from .features import FEATURE_COLUMN, OutputGradientProjector
-from .kmeans import (GradKMeansConfig, GradKMeansGrouper, KMeansConfig, KMeansInputConfig,
-                     KMeansInputGrouper, KMeansReprGrouper, ModelKMeansConfig)
+from .kmeans import (
+    GradKMeansConfig,
+    GradKMeansGrouper,
+    KMeansConfig,
+    KMeansInputConfig,
+    KMeansInputGrouper,
+    KMeansReprGrouper,
+    ModelKMeansConfig,
+)
 from .partition import allocate_groups, check_num_groups, factorize
-from .simple import (ColumnConfig, ColumnGrouper, RandomConfig, RandomGrouper,
-                     StratifiedConfig, StratifiedGrouper)
+from .simple import (
+    ColumnConfig,
+    ColumnGrouper,
+    RandomConfig,
+    RandomGrouper,
+    StratifiedConfig,
+    StratifiedGrouper,
+)
 
 #: Registry: name -> grouper class.
 GROUPERS: dict[str, type[Grouper]] = {
@@ -63,12 +87,39 @@ def get_grouper(name: str, config: Optional[GrouperConfig] = None, **kwargs: Any
 
 
 __all__ = [
-    "Assignment", "ClusterResult", "CoherenceResult", "ColumnConfig", "ColumnGrouper",
-    "FEATURE_COLUMN", "GROUPERS", "GradKMeansConfig", "GradKMeansGrouper", "Grouper",
-    "GrouperConfig", "GroupingReport", "KMeansConfig", "KMeansInputConfig",
-    "KMeansInputGrouper", "KMeansReprGrouper", "ModelKMeansConfig", "OutputGradientProjector",
-    "RandomConfig", "RandomGrouper", "StratifiedConfig", "StratifiedGrouper",
-    "allocate_groups", "canonical_labels", "capped_assign", "check_num_groups",
-    "coherence_from_gradients", "compare_groupings", "factorize", "fit_kmeans", "get_grouper",
-    "group_coherence", "model_weights_hash", "sample_rows", "write_group_column",
+    "FEATURE_COLUMN",
+    "GROUPERS",
+    "Assignment",
+    "ClusterResult",
+    "CoherenceResult",
+    "ColumnConfig",
+    "ColumnGrouper",
+    "GradKMeansConfig",
+    "GradKMeansGrouper",
+    "Grouper",
+    "GrouperConfig",
+    "GroupingReport",
+    "KMeansConfig",
+    "KMeansInputConfig",
+    "KMeansInputGrouper",
+    "KMeansReprGrouper",
+    "ModelKMeansConfig",
+    "OutputGradientProjector",
+    "RandomConfig",
+    "RandomGrouper",
+    "StratifiedConfig",
+    "StratifiedGrouper",
+    "allocate_groups",
+    "canonical_labels",
+    "capped_assign",
+    "check_num_groups",
+    "coherence_from_gradients",
+    "compare_groupings",
+    "factorize",
+    "fit_kmeans",
+    "get_grouper",
+    "group_coherence",
+    "model_weights_hash",
+    "sample_rows",
+    "write_group_column",
 ]

@@ -21,12 +21,19 @@ from ..gradients.taps import OutputFeatureTap
 from ..logging import get_logger
 from ..tasks import AttributionTask, find_head
 from .base import Assignment, Grouper, GrouperConfig
-from .partition import (allocate_groups, check_k_setting, check_num_groups, column_values,
-                        factorize)
 from .clustering import fit_kmeans
-from .features import (OutputGradientProjector, dense_matrix, feature_fingerprint,
-                       flatten_fn, hashed_counts_fn, is_text_feature, model_feature_fn,
-                       run_feature_map, sparse_matrix)
+from .features import (
+    OutputGradientProjector,
+    dense_matrix,
+    feature_fingerprint,
+    flatten_fn,
+    hashed_counts_fn,
+    is_text_feature,
+    model_feature_fn,
+    run_feature_map,
+    sparse_matrix,
+)
+from .partition import allocate_groups, check_k_setting, check_num_groups, column_values, factorize
 
 logger = get_logger(__name__)
 

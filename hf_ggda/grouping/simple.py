@@ -11,8 +11,7 @@ from datasets import Dataset
 
 from ..tasks import AttributionTask
 from .base import Assignment, Grouper, GrouperConfig
-from .partition import (allocate_groups, check_k_setting, check_num_groups, column_values,
-                        factorize)
+from .partition import allocate_groups, check_k_setting, check_num_groups, column_values, factorize
 
 
 @dataclass
