@@ -56,7 +56,7 @@ def _curvature_batches(model, task) -> int:
 
 
 def _worker(out_dir: str, use_store: bool) -> None:
-    from hf_ggda.integrations.distributed import rank_and_world
+    from hf_ggda.distributed import rank_and_world
 
     # forked after the parent used torch's thread pool: one thread avoids an OpenMP deadlock
     torch.set_num_threads(1)
@@ -99,7 +99,7 @@ def test_two_processes_equal_one(tmp_path, use_store):
 
 
 def _dying_worker(out_dir: str) -> None:
-    from hf_ggda.integrations.distributed import rank_and_world
+    from hf_ggda.distributed import rank_and_world
     from hf_ggda.store import GradientStore
 
     torch.set_num_threads(1)

@@ -67,6 +67,7 @@ from .checkpoints import Checkpoint
 from .drilldown import SelfAndDrillMixin
 from .model_state import check_model_unchanged
 from .normalise import check_normalize, normalise_rows, row_weights
+from .registry import config_class
 
 if TYPE_CHECKING:
     from ..grouping.base import Grouper
@@ -146,14 +147,8 @@ class AttributorConfig(ConfigMixin):
         """
         target: type[AttributorConfig] = cls
         if cls is AttributorConfig:
-            from .registry import ATTRIBUTOR_TYPE_TO_CONFIG_MAPPING
-
-            kind = data.get("attributor_type", "")
-            if kind not in ATTRIBUTOR_TYPE_TO_CONFIG_MAPPING:
-                raise ValueError(f"Unknown attributor_type {kind!r}; registered: "
-                                 f"{sorted(ATTRIBUTOR_TYPE_TO_CONFIG_MAPPING)}.")
-            target = ATTRIBUTOR_TYPE_TO_CONFIG_MAPPING[kind]
-        return super(AttributorConfig, target).from_dict(dict(data))  # type: ignore[misc]
+            target = config_class(data.get("attributor_type", ""))
+        return super(AttributorConfig, target).from_dict(dict(data))
 
 
 @dataclass
@@ -445,7 +440,7 @@ class Attributor(SelfAndDrillMixin, ABC):
                 train, fn=self.train_fn(), taps=taps, overwrite=overwrite, keep=False,
                 store=None if sub is None else str(sub / "points"))
             if points.fresh:
-                grouped = grouper.assign(train, features=feature_tap.matrix())  # type: ignore
+                grouped = grouper.assign(train, features=feature_tap.matrix())
             else:  # resumed from a point store: the features were not seen in this pass
                 grouped = grouper.assign(train, model=self.model, task=self.task)
             groups = engine.sum_into_groups(points, grouped, GROUP_COLUMN, self.train_fn())
@@ -487,7 +482,9 @@ class Attributor(SelfAndDrillMixin, ABC):
                 dataset = dataset.remove_columns(_ALL_QUERIES)
             dataset = dataset.add_column(_ALL_QUERIES, [0] * len(dataset))
             column = _ALL_QUERIES
-        vectors, fps, ids = [], [], []
+        vectors: list[torch.Tensor] = []
+        fps: list[dict[str, Any]] = []
+        ids: list[Any] = []
         for c, (comp, part) in enumerate(zip(self.components, state.parts)):
             engine = self._engine(c, comp)
             with comp.activate(self.model):

@@ -19,7 +19,8 @@ from datasets import Dataset
 from ..errors import ColumnTypeError, GroupingError
 from ..gradients.taps import OutputFeatureTap
 from ..logging import get_logger
-from ..tasks import AttributionTask, find_head
+from ..params import find_head
+from ..tasks import AttributionTask
 from .base import Assignment, Grouper, GrouperConfig
 from .clustering import fit_kmeans
 from .features import (
