@@ -26,13 +26,13 @@ from safetensors import safe_open
 from safetensors.torch import save as st_save
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ..atomic import atomic_write_bytes
 from ..distributed import rank_and_world
 from ..errors import GGDAError, NotFittedError
 from ..fingerprint import hash_json
 from ..gradients.engine import GradientEngine
 from ..gradients.taps import PassTap
 from ..logging import get_logger, progress
-from ..store import atomic_write_bytes
 from ..tasks import Batch
 
 logger = get_logger(__name__)
