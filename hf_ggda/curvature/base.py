@@ -34,6 +34,7 @@ from ..gradients.engine import GradientEngine
 from ..gradients.taps import PassTap
 from ..logging import get_logger, progress
 from ..tasks import Batch
+from .registry import register_preconditioner
 
 logger = get_logger(__name__)
 
@@ -364,3 +365,6 @@ class MatrixPreconditioner(Preconditioner):
         self.eigenvalues = state["eigenvalues"].to(device)
         self.eigenvectors = state["eigenvectors"].to(device)
         self.fitted = True
+
+
+register_preconditioner(IdentityPreconditioner)

@@ -41,6 +41,7 @@ from ..gradients.taps import Calls, PassTap
 from ..logging import get_logger
 from ..tasks import Batch
 from .base import CurvatureContext, CurvatureError, Preconditioner, RowVectors
+from .registry import register_preconditioner
 
 logger = get_logger(__name__)
 
@@ -411,3 +412,7 @@ def _sampled(rows: Sequence[int], keep: Optional[set[int]]) -> Optional[list[int
     if keep is None:
         return None
     return [j for j, r in enumerate(rows) if int(r) in keep]
+
+
+register_preconditioner(KFAC)
+register_preconditioner(EKFAC)

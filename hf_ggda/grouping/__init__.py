@@ -12,9 +12,6 @@ cover the model weights, so repeated runs are datasets cache hits::
 
 from __future__ import annotations
 
-from dataclasses import fields
-from typing import Any, Optional
-
 from .base import (
     Assignment,
     Grouper,
@@ -42,6 +39,7 @@ from .kmeans import (
     ModelKMeansConfig,
 )
 from .partition import allocate_groups, check_num_groups, factorize
+from .registry import GROUPERS, get_grouper, register_grouper
 from .simple import (
     ColumnConfig,
     ColumnGrouper,
@@ -50,41 +48,6 @@ from .simple import (
     StratifiedConfig,
     StratifiedGrouper,
 )
-
-#: Registry: name -> grouper class.
-GROUPERS: dict[str, type[Grouper]] = {
-    cls.name: cls for cls in (RandomGrouper, StratifiedGrouper, ColumnGrouper,
-                              KMeansInputGrouper, KMeansReprGrouper, GradKMeansGrouper)
-}
-
-
-def get_grouper(name: str, config: Optional[GrouperConfig] = None, **kwargs: Any) -> Grouper:
-    """Build a registered grouper from its name and settings.
-
-    Args:
-        name: One of :data:`GROUPERS` (``"random"``, ``"stratified"``, ``"column"``,
-            ``"kmeans-input"``, ``"kmeans-repr"``, ``"grad-kmeans"``; ``_`` works for ``-``).
-        config: A ready config (instead of keyword settings).
-        **kwargs: Fields of the grouper's config class.
-
-    Returns:
-        The grouper.
-
-    Raises:
-        ValueError: Unknown name or unknown setting (the message lists the valid ones).
-        GroupingError: An invalid K.
-    """
-    key = name.strip().lower().replace("_", "-")
-    if key not in GROUPERS:
-        raise ValueError(f"Unknown grouper {name!r}; choose one of {sorted(GROUPERS)}.")
-    cls = GROUPERS[key]
-    valid = {f.name for f in fields(cls.config_class)}
-    unknown = sorted(set(kwargs) - valid)
-    if unknown:
-        raise ValueError(f"Unknown settings {unknown} for grouper {key!r}; valid settings: "
-                         f"{sorted(valid)}.")
-    return cls(config, **kwargs)
-
 
 __all__ = [
     "FEATURE_COLUMN",
@@ -120,6 +83,7 @@ __all__ = [
     "get_grouper",
     "group_coherence",
     "model_weights_hash",
+    "register_grouper",
     "sample_rows",
     "write_group_column",
 ]

@@ -35,6 +35,7 @@ from .features import (
     sparse_matrix,
 )
 from .partition import allocate_groups, check_k_setting, check_num_groups, column_values, factorize
+from .registry import register_grouper
 
 logger = get_logger(__name__)
 
@@ -395,3 +396,8 @@ class GradKMeansGrouper(_ModelKMeansGrouper):
             err, feats = task.output_gradient(model, batch)
             return project(err, feats)
         return compute
+
+
+register_grouper(KMeansInputGrouper)
+register_grouper(KMeansReprGrouper)
+register_grouper(GradKMeansGrouper)
