@@ -58,8 +58,9 @@ class _Host(Protocol):
     def _query_vectors(self, dataset: Dataset, mode: str, query_group_column: Optional[str]
                        ) -> tuple[list[torch.Tensor], list[Any], list[dict[str, Any]]]: ...
 
-    def _combine(self, query: Sequence[torch.Tensor],
-                 train: Sequence[torch.Tensor]) -> torch.Tensor: ...
+    def _combine(self, query: Sequence[torch.Tensor], train: Sequence[torch.Tensor],
+                 first_row: int = 0, columns: Optional[Sequence[Any]] = None
+                 ) -> torch.Tensor: ...
 
 
 class SelfAndDrillMixin:

@@ -127,7 +127,8 @@ def push_scored_dataset(dataset: Dataset, repo_id: str,
         Path(tempfile.mkdtemp(prefix="ggda-push-"))
     staging.mkdir(parents=True, exist_ok=True)
     dataset_dir = save_dataset_atomic(dataset, staging / "dataset")
-    card_path, card_files = (None, [])
+    card_path: Optional[Path] = None
+    card_files: list[str] = []
     if card_dir is not None:
         card_path, card_files = _stage_card(Path(card_dir), staging)
     plan = PushPlan(repo_id=repo_id, private=private, staging_dir=staging,
