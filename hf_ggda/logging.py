@@ -8,37 +8,19 @@ utilities so ``transformers.utils.logging.disable_progress_bar()`` silences them
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any, Iterable, Optional
 
 from transformers.utils import logging as hf_logging
 
+from .distributed import is_main_process, process_index
+
 _LIBRARY_LOGGER = "hf_ggda"
 
-
-def process_index() -> int:
-    """Return this process's global rank (0 when not distributed).
-
-    Returns:
-        The rank from an initialised Accelerate state, else from ``RANK``, else 0.
-    """
-    try:
-        from accelerate.state import PartialState
-
-        if PartialState._shared_state:  # initialised by the user or by us
-            return int(PartialState().process_index)
-    except Exception:  # pragma: no cover - accelerate always importable here
-        pass
-    return int(os.environ.get("RANK", "0"))
-
-
-def is_main_process() -> bool:
-    """Return True on the process that logs and writes shared files."""
-    return process_index() == 0
+__all__ = ["get_logger", "is_main_process", "process_index", "progress"]
 
 
 class _MainProcessFilter(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:  # noqa: A003
+    def filter(self, record: logging.LogRecord) -> bool:
         return is_main_process() or getattr(record, "all_ranks", False)
 
 

@@ -1,4 +1,5 @@
-"""Which parameters to attribute through: PEFT adapters (default), trainable ones, or names.
+"""Which parameters to attribute through: PEFT adapters (default), trainable ones, or names;
+and where a model's output layer is (:func:`find_head`).
 
 Gradients are taken for the selected parameters only; every other weight is a constant
 (``requires_grad=False`` while the engine runs, restored afterwards).
@@ -185,3 +186,35 @@ class ParameterSelection:
                 unmatched.append(pat)
             chosen |= hits
         return [n for n in all_names if n in chosen], unmatched
+
+
+def find_head(model: torch.nn.Module) -> torch.nn.Module:
+    """Return the output layer (classifier / score / lm_head) of a model, PEFT-wrapped or not.
+
+    Args:
+        model: A transformers model or a ``PeftModel`` around one.
+
+    Returns:
+        The module whose input is the penultimate representation.
+
+    Raises:
+        ValueError: No output layer could be found.
+    """
+    get_base = getattr(model, "get_base_model", None)
+    base: torch.nn.Module = get_base() if get_base is not None else model
+    for name in ("classifier", "score"):
+        head = getattr(base, name, None)
+        if head is not None:
+            linears = [m for m in head.modules() if isinstance(m, torch.nn.Linear)]
+            if isinstance(head, torch.nn.Linear) or not linears:
+                return head
+            return linears[-1]
+    get_output = getattr(base, "get_output_embeddings", None)
+    output = get_output() if get_output is not None else None
+    if output is not None:
+        return output
+    raise ValueError(
+        f"Cannot find the output layer of {type(base).__name__}: expected an attribute "
+        "'classifier', 'score' or output embeddings. Subclass the task and override "
+        "`output_gradient`."
+    )

@@ -31,10 +31,10 @@ from typing import Any, Optional, Union
 
 from datasets import Dataset, load_from_disk
 
+from .atomic import atomic_write_bytes, save_dataset_atomic
+from .distributed import barrier, rank_and_world
 from .errors import RunFolderError
-from .integrations.distributed import barrier, rank_and_world
 from .logging import get_logger
-from .store import atomic_write_bytes
 
 logger = get_logger(__name__)
 
@@ -290,8 +290,6 @@ def write_dataset(data: Dataset, output: PathLike) -> Path:
     Raises:
         OSError: The folder cannot be written.
     """
-    from .integrations.hub import save_dataset_atomic
-
     out = Path(output)
     if rank_and_world()[0] == 0:
         save_dataset_atomic(data, out)

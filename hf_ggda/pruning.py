@@ -154,4 +154,4 @@ def prune_dataset(train: Dataset, scores: GroupScores | SelfInfluence, fraction:
                        dropped_fraction=float(mask.mean()) if len(mask) else 0.0)
 
 
-__all__ = ["PruneResult", "choose_groups", "prune_dataset", "prune_order", "RANKS"]
+__all__ = ["RANKS", "PruneResult", "choose_groups", "prune_dataset", "prune_order"]

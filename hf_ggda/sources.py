@@ -29,8 +29,8 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 from datasets import Dataset
 
-from .errors import (EmptyDatasetError, GroupingError, MissingColumnError,
-                     RowAlignmentError)
+from .atomic import atomic_write_bytes, save_dataset_atomic
+from .errors import EmptyDatasetError, GroupingError, MissingColumnError, RowAlignmentError
 from .logging import get_logger
 from .scores import GroupScores, _plain
 from .tasks import ROW_COLUMN
@@ -199,9 +199,6 @@ class SourceReport:
     def save(self, folder: str | Path) -> None:
         """Write ``sources/`` (the table, ``save_to_disk``), ``sources.json``, ``sources.png``
         and one ``scores-<evaluation>/`` folder per evaluation, each file atomically."""
-        from .integrations.hub import save_dataset_atomic
-        from .store import atomic_write_bytes
-
         out = Path(folder)
         save_dataset_atomic(self.table, out / "sources")
         atomic_write_bytes(out / "sources.json", json.dumps(
@@ -350,6 +347,13 @@ def attribute_sources(attributor: Any, train: Dataset, evaluations: Any, source_
     return report
 
 
-__all__: Sequence[str] = ("SourceReport", "RowAlignmentError", "attribute_sources",
-                          "bootstrap_interval", "check_sources", "SOURCE_SCORE_COLUMN",
-                          "SOURCE_RANK_COLUMN", "SOURCE_POINT_COLUMN")
+__all__: Sequence[str] = (
+    "SOURCE_POINT_COLUMN",
+    "SOURCE_RANK_COLUMN",
+    "SOURCE_SCORE_COLUMN",
+    "RowAlignmentError",
+    "SourceReport",
+    "attribute_sources",
+    "bootstrap_interval",
+    "check_sources",
+)

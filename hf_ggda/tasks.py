@@ -19,8 +19,15 @@ from .chat import check_chat_tokenizer, encode_chat_rows
 from .errors import ColumnTypeError, EmptyDatasetError, MissingColumnError
 from .fingerprint import hash_json
 from .logging import get_logger
-from .validation import (check_class_ids, check_inputs_fit_model, check_labels_fit_head,
-                         check_model_ready, check_no_nulls, ensure_dataset)
+from .params import find_head
+from .validation import (
+    check_class_ids,
+    check_inputs_fit_model,
+    check_labels_fit_head,
+    check_model_ready,
+    check_no_nulls,
+    ensure_dataset,
+)
 
 logger = get_logger(__name__)
 
@@ -59,35 +66,6 @@ def check_columns(dataset: Dataset, columns: Sequence[str], what: str = "dataset
 def _dtype_of(dataset: Dataset, column: str) -> str:
     feature = dataset.features[column]
     return getattr(feature, "dtype", type(feature).__name__)
-
-
-def find_head(model: torch.nn.Module) -> torch.nn.Module:
-    """Return the output layer (classifier / score / lm_head) of a model, PEFT-wrapped or not.
-
-    Args:
-        model: A transformers model or a ``PeftModel`` around one.
-
-    Returns:
-        The module whose input is the penultimate representation.
-
-    Raises:
-        ValueError: No output layer could be found.
-    """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    for name in ("classifier", "score"):
-        head = getattr(base, name, None)
-        if head is not None:
-            linears = [m for m in head.modules() if isinstance(m, torch.nn.Linear)]
-            if isinstance(head, torch.nn.Linear) or not linears:
-                return head
-            return linears[-1]
-    if hasattr(base, "get_output_embeddings") and base.get_output_embeddings() is not None:
-        return base.get_output_embeddings()
-    raise ValueError(
-        f"Cannot find the output layer of {type(base).__name__}: expected an attribute "
-        "'classifier', 'score' or output embeddings. Subclass the task and override "
-        "`output_gradient`."
-    )
 
 
 class AttributionTask(ABC):
@@ -421,8 +399,10 @@ class CausalLMTask(_TokenizerTask):
         return out
 
     def prepare(self, dataset: Dataset) -> Dataset:
-        cols = ([self.prompt_column, self.response_column] if self.prompt_column
-                else [self.text_column])
+        cols = [self.text_column]
+        if self.prompt_column:
+            assert self.response_column is not None  # __init__ takes both or neither
+            cols = [self.prompt_column, self.response_column]
         check_columns(dataset, [self.messages_column] if self.messages_column else cols)
         if self.messages_column is not None or (
                 self.prompt_column is not None and
@@ -440,6 +420,7 @@ class CausalLMTask(_TokenizerTask):
                 enc = tok(rows[text], truncation=True, max_length=max_length)
                 labels = [list(ids) for ids in enc["input_ids"]]
             else:
+                assert response is not None  # __init__ takes both or neither
                 full = [p + r + eos for p, r in zip(rows[prompt], rows[response])]
                 enc = tok(full, truncation=True, max_length=max_length)
                 n_prompt = [len(x) for x in tok(rows[prompt])["input_ids"]]

@@ -65,23 +65,30 @@ def tiny_model(arch: str, vocab_size: int, num_labels: int = 3, seed: int = 0) -
         num_labels: Classes (BERT only).
         seed: Initialisation seed.
     """
-    from transformers import (BertConfig, BertForSequenceClassification, GPT2Config,
-                              GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM)
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
 
     torch.manual_seed(seed)
     if arch == "bert":
-        cfg = BertConfig(vocab_size=vocab_size, hidden_size=16, num_hidden_layers=2,
-                         num_attention_heads=2, intermediate_size=32, num_labels=num_labels,
-                         max_position_embeddings=64)
-        return BertForSequenceClassification(cfg)
-    if arch == "gpt2":
-        cfg = GPT2Config(vocab_size=vocab_size, n_embd=16, n_layer=2, n_head=2, n_positions=64)
-        return GPT2LMHeadModel(cfg)
-    if arch == "llama":
-        cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=16, intermediate_size=32,
-                          num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+        # num_labels is a PretrainedConfig keyword that BertConfig's typed signature omits
+        bert = BertConfig(vocab_size=vocab_size, hidden_size=16, num_hidden_layers=2,  # type: ignore[call-arg]
+                          num_attention_heads=2, intermediate_size=32, num_labels=num_labels,
                           max_position_embeddings=64)
-        return LlamaForCausalLM(cfg)
+        return BertForSequenceClassification(bert)
+    if arch == "gpt2":
+        gpt2 = GPT2Config(vocab_size=vocab_size, n_embd=16, n_layer=2, n_head=2, n_positions=64)
+        return GPT2LMHeadModel(gpt2)
+    if arch == "llama":
+        llama = LlamaConfig(vocab_size=vocab_size, hidden_size=16, intermediate_size=32,
+                            num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                            max_position_embeddings=64)
+        return LlamaForCausalLM(llama)
     raise ValueError(f"Unknown arch {arch!r}; use 'bert', 'gpt2' or 'llama'.")
 
 

@@ -98,7 +98,7 @@ def finetune_with_snapshots(model: torch.nn.Module, task: AttributionTask, datas
     if not 1 <= snapshots <= max(steps, 1):
         raise ValueError(f"snapshots must be in 1..steps ({steps}), got {snapshots}.")
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    at = {int(round(steps * (k + 1) / snapshots)) for k in range(snapshots)}
+    at = {round(steps * (k + 1) / snapshots) for k in range(snapshots)}
     kept: list[dict[str, Any]] = []
 
     def keep(step: int) -> None:

@@ -10,9 +10,16 @@ import torch
 from datasets import load_from_disk
 
 from hf_ggda import SIGN_CONVENTION
-from hf_ggda.attributors import (ATTRIBUTOR_TYPE_TO_ATTRIBUTOR_MAPPING, AttributorConfig,
-                                 InfluenceConfig, InfluenceFunction, TracInConfig,
-                                 get_attributor, get_attributor_config, register_attributor)
+from hf_ggda.attributors import (
+    ATTRIBUTOR_TYPE_TO_ATTRIBUTOR_MAPPING,
+    AttributorConfig,
+    InfluenceConfig,
+    InfluenceFunction,
+    TracInConfig,
+    get_attributor,
+    get_attributor_config,
+    register_attributor,
+)
 from hf_ggda.errors import NotFittedError, StoreMismatchError
 from hf_ggda.scores import GroupScores
 from hf_ggda.tasks import SequenceClassificationTask

@@ -8,7 +8,6 @@ H + λI, i.e. the influence function with damping λ.
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch

@@ -11,8 +11,16 @@ import torch
 from datasets import Dataset
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-from hf_ggda.attributors import (TRAK, InfluenceConfig, InfluenceFunction, TensorTask, TracIn,
-                                 TracInConfig, TRAKConfig, trainer_checkpoints)
+from hf_ggda.attributors import (
+    TRAK,
+    InfluenceConfig,
+    InfluenceFunction,
+    TensorTask,
+    TracIn,
+    TracInConfig,
+    TRAKConfig,
+    trainer_checkpoints,
+)
 from hf_ggda.attributors.checkpoints import learning_rate_at
 from hf_ggda.gradients import EngineConfig, GradientEngine
 from hf_ggda.tasks import CausalLMTask, SequenceClassificationTask

@@ -22,8 +22,16 @@ BENCH = ROOT / "recipes" / "benchmarks"
 SCRIPT = BENCH / "fidelity.py"
 sys.path.insert(0, str(BENCH))
 
-from _fidelity_core import (METHODS, MethodOptions, attribute, draw_subsets,  # noqa: E402
-                            evaluate_partition, predict_subsets, subset_rows, with_groups)
+from _fidelity_core import (  # noqa: E402
+    METHODS,
+    MethodOptions,
+    attribute,
+    draw_subsets,
+    evaluate_partition,
+    predict_subsets,
+    subset_rows,
+    with_groups,
+)
 from _fidelity_fast import LinearHeadSetting  # noqa: E402
 
 NESTED = ("group_lds", "group_lds_ci", "cost_s", "logo_spearman", "logo_pearson")
@@ -43,7 +51,7 @@ def _run_quick(tmp_path: Path, *extra: str) -> dict:
 
 
 def _check_result(result: dict, methods: list[str], groupings: list[str]) -> None:
-    for key in NESTED + ("grouping_cost_s", "retrain", "setup", "command", "date"):
+    for key in (*NESTED, "grouping_cost_s", "retrain", "setup", "command", "date"):
         assert key in result, key
     ks = [str(k) for k in result["ks"]]
     assert str(result["num_train"]) in ks  # the point level

@@ -43,7 +43,7 @@ def test_end_to_end_quick_run():
             continue
         groupings = ("grad-kmeans-1pass", "grad-kmeans-2pass", "random")
         assert row["speedup"] == row["point"]["s"] / min(row[g]["s"] for g in groupings)
-        for g in groupings + ("point",):
+        for g in (*groupings, "point"):
             assert row[g]["ratio"] == row[g]["s"] / e2e["floor_s"]
             assert row[g]["ratio_per_checkpoint"] == row[g]["ratio"] / row["checkpoints"]
             assert math.isfinite(row[g]["peak_mb"])

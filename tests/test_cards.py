@@ -14,8 +14,7 @@ from huggingface_hub import DatasetCard, ModelCard
 from hf_ggda import SIGN_CONVENTION
 from hf_ggda.errors import MissingColumnError
 from hf_ggda.integrations import hub
-from hf_ggda.integrations.cards import (BAR_CHART_FILE, HISTOGRAM_FILE, Curve,
-                                        write_attribution_card)
+from hf_ggda.integrations.cards import BAR_CHART_FILE, HISTOGRAM_FILE, Curve, write_attribution_card
 from hf_ggda.scores import GroupScores
 from hf_ggda.testing import tiny_lora, tiny_tokenizer, toy_dataset
 

@@ -7,8 +7,13 @@ import pytest
 import torch
 from datasets import Dataset
 
-from hf_ggda.attributors import (InfluenceConfig, InfluenceFunction, TracIn, TracInConfig,
-                                 token_scores)
+from hf_ggda.attributors import (
+    InfluenceConfig,
+    InfluenceFunction,
+    TracIn,
+    TracInConfig,
+    token_scores,
+)
 from hf_ggda.errors import ChatFormatError
 from hf_ggda.tasks import GROUP_COLUMN, CausalLMTask
 from hf_ggda.testing import tiny_lora, tiny_tokenizer, toy_texts
@@ -49,9 +54,9 @@ def _chats(n: int) -> list[list[dict[str, str]]]:
         conv = [{"role": "user", "content": texts[3 * i]},
                 {"role": "assistant", "content": texts[3 * i + 1]}]
         if i % 2:
-            conv = [{"role": "system", "content": "the"}] + conv + [
-                {"role": "user", "content": texts[3 * i + 2]},
-                {"role": "assistant", "content": texts[3 * i]}]
+            conv = [{"role": "system", "content": "the"}, *conv,
+                    {"role": "user", "content": texts[3 * i + 2]},
+                    {"role": "assistant", "content": texts[3 * i]}]
         out.append(conv)
     return out
 
@@ -87,7 +92,7 @@ def test_chat_errors_are_typed_and_name_the_fix(tok):
     with pytest.raises(ChatFormatError, match="Row 0 has no assistant turn"):
         task.prepare(Dataset.from_dict({"messages": no_answer}))
     bad_role = [[{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}]]
-    with pytest.raises(ChatFormatError, match="message 1 .*'role'"):
+    with pytest.raises(ChatFormatError, match=r"message 1 .*'role'"):
         task.prepare(Dataset.from_dict({"messages": bad_role}))
     with pytest.raises(ValueError, match="not both"):
         CausalLMTask(tok, messages_column="m", prompt_column="p", response_column="r")

@@ -11,8 +11,16 @@ from datasets import Dataset
 from transformers.pytorch_utils import Conv1D
 
 from hf_ggda.attributors import TensorTask
-from hf_ggda.curvature import (EKFAC, KFAC, CurvatureContext, CurvatureError, DataInf,
-                               ExactHessian, LiSSA, hessian_vector_products)
+from hf_ggda.curvature import (
+    EKFAC,
+    KFAC,
+    CurvatureContext,
+    CurvatureError,
+    DataInf,
+    ExactHessian,
+    LiSSA,
+    hessian_vector_products,
+)
 from hf_ggda.gradients import EngineConfig, GradientEngine
 from hf_ggda.tasks import SequenceClassificationTask
 from hf_ggda.testing import tiny_lora, tiny_tokenizer, toy_dataset
@@ -186,7 +194,7 @@ def test_kfac_parameters_outside_linear_modules_get_inverse_damping() -> None:
     only_lora = KFAC(damping=0.5)
     only_lora.fit(_ctx(model, task, data, selection=[lora]))
     offsets = ctx.engine.selection.offsets()
-    ln = [v for k, v in offsets.items() if "LayerNorm" in k][0]
+    ln = next(v for k, v in offsets.items() if "LayerNorm" in k)
     keep = torch.ones(ctx.engine.selection.numel, dtype=torch.bool)
     keep[ln[0]:ln[1]] = False
     v = torch.randn(2, len(keep), dtype=torch.float64, generator=torch.Generator().manual_seed(5))

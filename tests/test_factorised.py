@@ -86,7 +86,7 @@ def test_factorised_equals_the_kronecker_projection(arch: str, lora: bool) -> No
 
 
 def test_fallback_parameters_are_projected_densely_with_a_warning(caplog) -> None:
-    model, task, data, selection = _setup("bert", lora=False)
+    model, task, _data, selection = _setup("bert", lora=False)
     engine = GradientEngine(model, task, selection, EngineConfig(batch_size=4,
                                                                  factorised_dim=2))
     assert engine.factorised is not None and engine.factorised.fallback_dim > 0

@@ -12,14 +12,31 @@ import pytest
 import torch
 from datasets import Dataset, concatenate_datasets, load_from_disk
 
-from hf_ggda.errors import (ColumnTypeError, EmptyDatasetError, GroupingError,
-                            MissingColumnError, NotFittedError)
+from hf_ggda.errors import (
+    ColumnTypeError,
+    EmptyDatasetError,
+    GroupingError,
+    MissingColumnError,
+    NotFittedError,
+)
 from hf_ggda.gradients import GradientEngine, RandomProjector
-from hf_ggda.grouping import (GROUPERS, ColumnGrouper, GradKMeansConfig, Grouper,
-                              OutputGradientProjector, RandomGrouper, allocate_groups,
-                              capped_assign, coherence_from_gradients, compare_groupings,
-                              fit_kmeans, get_grouper, group_coherence, model_weights_hash,
-                              sample_rows)
+from hf_ggda.grouping import (
+    GROUPERS,
+    ColumnGrouper,
+    GradKMeansConfig,
+    Grouper,
+    OutputGradientProjector,
+    RandomGrouper,
+    allocate_groups,
+    capped_assign,
+    coherence_from_gradients,
+    compare_groupings,
+    fit_kmeans,
+    get_grouper,
+    group_coherence,
+    model_weights_hash,
+    sample_rows,
+)
 from hf_ggda.tasks import GROUP_COLUMN, CausalLMTask, SequenceClassificationTask, find_head
 from hf_ggda.testing import tiny_lora, tiny_tokenizer, toy_dataset
 
@@ -92,7 +109,7 @@ def test_grouper_contract(name: str, kwargs: dict, data: Dataset, model: Any,
     out2 = _run(grouper, data, model, task)
     assert out1[GROUP_COLUMN] == out2[GROUP_COLUMN]
     assert len(out1) == len(data)
-    assert out1.column_names == data.column_names + [GROUP_COLUMN]
+    assert out1.column_names == [*data.column_names, GROUP_COLUMN]
     for col in data.column_names:  # same rows, same order
         assert out1[col] == data[col]
     ids = np.asarray(out1[GROUP_COLUMN])
@@ -218,7 +235,7 @@ def test_errors(data: Dataset, model: Any, task: Any) -> None:
     for name, kw in SPECS:
         with pytest.raises(EmptyDatasetError):
             _run(get_grouper(name, **kw), empty, model, task)
-    with pytest.raises(ValueError, match="model=..., task="):
+    with pytest.raises(ValueError, match=r"model=\.\.\., task="):
         get_grouper("kmeans-repr").assign(data)
     with pytest.raises(NotFittedError):
         get_grouper("random").describe()

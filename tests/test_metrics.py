@@ -7,16 +7,16 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_EVALUATE_OFFLINE"] = "1"
 
-import math  # noqa: E402
-import socket  # noqa: E402
-from typing import Any, Iterator  # noqa: E402
+import math
+import socket
+from typing import Any, Iterator
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-from scipy import stats  # noqa: E402
-from sklearn.metrics import roc_auc_score  # noqa: E402
+import numpy as np
+import pytest
+from scipy import stats
+from sklearn.metrics import roc_auc_score
 
-from hf_ggda.metrics import METRICS, load_metric, metric_path  # noqa: E402
+from hf_ggda.metrics import METRICS, load_metric, metric_path
 
 
 @pytest.fixture(scope="module")

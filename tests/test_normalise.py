@@ -18,8 +18,14 @@ import pytest
 import torch
 from datasets import Dataset
 
-from hf_ggda.attributors import (TRAK, InfluenceConfig, InfluenceFunction, TracIn,
-                                 TracInConfig, TRAKConfig)
+from hf_ggda.attributors import (
+    TRAK,
+    InfluenceConfig,
+    InfluenceFunction,
+    TracIn,
+    TracInConfig,
+    TRAKConfig,
+)
 from hf_ggda.errors import DatasetTypeError
 from hf_ggda.gradients import EngineConfig, GradientEngine
 from hf_ggda.tasks import GROUP_COLUMN, SequenceClassificationTask

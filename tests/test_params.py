@@ -62,15 +62,15 @@ def test_empty_and_partial_selections():
     model = tiny_model("bert", len(tok))
     for p in model.parameters():
         p.requires_grad_(False)
-    with pytest.raises(NoParametersError, match="classifier.weight"):
+    with pytest.raises(NoParametersError, match=r"classifier\.weight"):
         ParameterSelection.resolve(model)
     with pytest.raises(NoParametersError):
         ParameterSelection.resolve(model, ["nothing.matches"])
     with pytest.raises(NoParametersError, match="not a PeftModel"):
         ParameterSelection.resolve(model, "peft")
-    with pytest.warns(PartialSelectionWarning, match="nothing.matches"):
+    with pytest.warns(PartialSelectionWarning, match=r"nothing\.matches"):
         ParameterSelection.resolve(model, ["classifier.weight", "nothing.matches"])
-    with pytest.raises(ValueError, match="nothing.matches"):
+    with pytest.raises(ValueError, match=r"nothing\.matches"):
         ParameterSelection.resolve(model, ["classifier.weight", "nothing.matches"],
                                    strict=True)
 

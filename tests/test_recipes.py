@@ -17,8 +17,8 @@ from types import ModuleType
 from typing import Any, Iterator
 
 import numpy as np
-import torch
 import pytest
+import torch
 
 from hf_ggda.pipeline import read_run
 from hf_ggda.viewer import open_run

@@ -104,7 +104,7 @@ def test_save_load_round_trip_and_untrusted_files(setup: dict[str, Any], tmp_pat
                         ({"extra": 1}, "unknown fields ['extra']"),
                         ({"format": "other"}, "'format'")]:
         meta_file.write_text(json.dumps({**meta, **edit}))
-        with pytest.raises(ScoresFileError, match="(?i)re-run `hf-ggda self-influence`") as info:
+        with pytest.raises(ScoresFileError, match=r"(?i)re-run `hf-ggda self-influence`") as info:
             SelfInfluence.from_pretrained(tmp_path)
         assert words in str(info.value)
     meta_file.write_text(json.dumps(meta))

@@ -8,14 +8,23 @@ import torch
 from datasets import Dataset, DatasetDict
 
 from hf_ggda.attributors import InfluenceConfig, InfluenceFunction, TracIn, TracInConfig
-from hf_ggda.errors import (DatasetTypeError, EmptyDatasetError, GroupingError,
-                            MissingColumnError, NullValueError)
-from hf_ggda.sources import (SOURCE_POINT_COLUMN, SOURCE_RANK_COLUMN, SOURCE_SCORE_COLUMN,
-                             RowAlignmentError, attribute_sources, bootstrap_interval)
+from hf_ggda.errors import (
+    DatasetTypeError,
+    EmptyDatasetError,
+    GroupingError,
+    MissingColumnError,
+    NullValueError,
+)
+from hf_ggda.sources import (
+    SOURCE_POINT_COLUMN,
+    SOURCE_RANK_COLUMN,
+    SOURCE_SCORE_COLUMN,
+    RowAlignmentError,
+    attribute_sources,
+    bootstrap_interval,
+)
 from hf_ggda.tasks import ROW_COLUMN
 from hf_ggda.testing import toy_dataset
-
-from .conftest import make_setup
 
 N = 24
 

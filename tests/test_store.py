@@ -23,9 +23,15 @@ import torch
 from safetensors.torch import save as st_save
 
 import hf_ggda.store as store_module
-from hf_ggda.errors import (CorruptShardError, StoreChangedError, StoreFolderNotEmptyError,
-                            StoreLockedError, StoreMismatchError, StoreNotFoundError,
-                            StoreReadOnlyError)
+from hf_ggda.errors import (
+    CorruptShardError,
+    StoreChangedError,
+    StoreFolderNotEmptyError,
+    StoreLockedError,
+    StoreMismatchError,
+    StoreNotFoundError,
+    StoreReadOnlyError,
+)
 from hf_ggda.gradients import EngineConfig, GradientEngine
 from hf_ggda.store import GradientStore, atomic_write_bytes
 from hf_ggda.store_guard import LOCK_NAME, request_hash

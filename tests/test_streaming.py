@@ -8,8 +8,12 @@ import pytest
 import torch
 
 from hf_ggda.errors import EmptyDatasetError, GroupingError
-from hf_ggda.gradients import (EngineConfig, GradientEngine, random_stream_groups,
-                               stream_group_gradients)
+from hf_ggda.gradients import (
+    EngineConfig,
+    GradientEngine,
+    random_stream_groups,
+    stream_group_gradients,
+)
 from hf_ggda.testing import toy_dataset
 
 from .conftest import make_setup
@@ -47,7 +51,7 @@ def test_stream_with_string_sources_and_random_groups(bert_setup):
 
 
 def _stream_worker(out_dir: str) -> None:
-    from hf_ggda.integrations.distributed import rank_and_world
+    from hf_ggda.distributed import rank_and_world
 
     torch.set_num_threads(1)
     rank, _ = rank_and_world()

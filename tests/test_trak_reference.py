@@ -207,7 +207,7 @@ def test_trak_sign_positive_means_the_group_helps(setup: dict[str, Any]) -> None
     dim = 8
     damping = ref.damping(dim, 0.01)
     proj = ref.projection(dim)
-    phi, phi_q = ref.train_f @ proj, ref.query_f @ proj
+    phi = ref.train_f @ proj
     result = _trak(setup, dim, damping, kernel="exact").fit(setup["train"], "group_id") \
         .score(setup["query"])
     assert result.sign_convention == SIGN_CONVENTION

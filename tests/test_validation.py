@@ -19,12 +19,19 @@ import pytest
 import torch
 from datasets import Dataset, DatasetDict
 
-from hf_ggda.attributors import (AttributorConfig, InfluenceConfig, TracInConfig,
-                                 TRAKConfig)
+from hf_ggda.attributors import AttributorConfig, InfluenceConfig, TracInConfig, TRAKConfig
 from hf_ggda.cli import TaskArgs
 from hf_ggda.config import check_known_keys
-from hf_ggda.errors import (ConfigError, ConfigTypeError, DatasetTypeError, GGDAError,
-                            LabelError, ModelInputError, ModelStateError, NullValueError)
+from hf_ggda.errors import (
+    ConfigError,
+    ConfigTypeError,
+    DatasetTypeError,
+    GGDAError,
+    LabelError,
+    ModelInputError,
+    ModelStateError,
+    NullValueError,
+)
 from hf_ggda.gradients import EngineConfig
 from hf_ggda.grouping import get_grouper
 from hf_ggda.grouping.simple import RandomConfig

@@ -23,12 +23,18 @@ from hf_ggda.attributors.checkpoints import confined_path, learning_rate_of_chec
 from hf_ggda.cli import main
 from hf_ggda.errors import CheckpointManifestError, ScoresFileError
 from hf_ggda.integrations.cards import md_code, md_text, write_attribution_card
-from hf_ggda.integrations.trainer import (MANIFEST_NAME, GGDACallback, read_checkpoint_manifest,
-                                          tracin_config_from_manifest)
+from hf_ggda.integrations.trainer import (
+    MANIFEST_NAME,
+    GGDACallback,
+    read_checkpoint_manifest,
+    tracin_config_from_manifest,
+)
 from hf_ggda.scores import GroupScores
 from hf_ggda.testing import toy_dataset
 
-from .test_cli import saved_model  # noqa: F401 (fixture)
+from . import test_cli
+
+saved_model = test_cli.saved_model  # the CLI tests' fixture, shared
 
 
 def _snapshot(folder: Path) -> dict[str, bytes | None]:
@@ -268,7 +274,7 @@ def test_card_escapes_group_ids_model_names_and_rows(tmp_path):
     assert (tmp_path / "card" / "top_bottom_groups.png").stat().st_size > 0  # $ not mathtext
 
 
-@pytest.mark.parametrize("value", EVIL + ["", "``", "plain", "a\nb"])
+@pytest.mark.parametrize("value", [*EVIL, "", "``", "plain", "a\nb"])
 def test_md_helpers_escape_everything_that_renders(value):
     import re
 

@@ -14,17 +14,37 @@ Example::
 from .base import Attributor, AttributorConfig, Component
 from .checkpoints import Checkpoint, trainer_checkpoints
 from .influence import InfluenceConfig, InfluenceFunction
-from .registry import (ATTRIBUTOR_TYPE_TO_ATTRIBUTOR_MAPPING, ATTRIBUTOR_TYPE_TO_CONFIG_MAPPING,
-                       get_attributor, get_attributor_config, register_attributor)
+from .registry import (
+    ATTRIBUTOR_TYPE_TO_ATTRIBUTOR_MAPPING,
+    ATTRIBUTOR_TYPE_TO_CONFIG_MAPPING,
+    get_attributor,
+    get_attributor_config,
+    register_attributor,
+)
 from .tabular import TensorTask
 from .tokens import TokenScores, token_scores
 from .tracin import TracIn, TracInConfig
 from .trak import TRAK, TRAKConfig, causal_lm_margin
 
 __all__ = [
-    "ATTRIBUTOR_TYPE_TO_ATTRIBUTOR_MAPPING", "ATTRIBUTOR_TYPE_TO_CONFIG_MAPPING", "Attributor",
-    "AttributorConfig", "Checkpoint", "Component", "InfluenceConfig", "InfluenceFunction",
-    "TRAK", "TRAKConfig", "TensorTask", "TokenScores", "TracIn", "TracInConfig",
-    "causal_lm_margin", "get_attributor", "get_attributor_config", "register_attributor",
-    "token_scores", "trainer_checkpoints",
+    "ATTRIBUTOR_TYPE_TO_ATTRIBUTOR_MAPPING",
+    "ATTRIBUTOR_TYPE_TO_CONFIG_MAPPING",
+    "TRAK",
+    "Attributor",
+    "AttributorConfig",
+    "Checkpoint",
+    "Component",
+    "InfluenceConfig",
+    "InfluenceFunction",
+    "TRAKConfig",
+    "TensorTask",
+    "TokenScores",
+    "TracIn",
+    "TracInConfig",
+    "causal_lm_margin",
+    "get_attributor",
+    "get_attributor_config",
+    "register_attributor",
+    "token_scores",
+    "trainer_checkpoints",
 ]

@@ -27,8 +27,18 @@ from abc import ABC
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import (TYPE_CHECKING, Any, Callable, ClassVar, ContextManager, Iterator, Mapping, Optional,
-                    Sequence, Union)
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    ClassVar,
+    ContextManager,
+    Iterator,
+    Mapping,
+    Optional,
+    Sequence,
+    Union,
+)
 
 import numpy as np
 import torch
@@ -38,8 +48,14 @@ from .. import SIGN_CONVENTION
 from ..alignment import group_signature, rows_signature
 from ..config import ConfigMixin
 from ..curvature import CurvatureContext, Preconditioner
-from ..errors import (GroupingError, MissingColumnError, NonFiniteScoresError, NotFittedError,
-                      TokenizationMismatchError)
+from ..curvature.mix import CurvatureData, resolve_curvature_dataset
+from ..errors import (
+    GroupingError,
+    MissingColumnError,
+    NonFiniteScoresError,
+    NotFittedError,
+    TokenizationMismatchError,
+)
 from ..fingerprint import hash_json
 from ..gradients.engine import EngineConfig, GradientEngine, GroupGradients, RowFn, plan_groups
 from ..gradients.taps import PassTap
@@ -48,10 +64,10 @@ from ..params import ParameterSelection
 from ..scores import GroupScores
 from ..tasks import GROUP_COLUMN, AttributionTask
 from .checkpoints import Checkpoint
-from ..curvature.mix import CurvatureData, resolve_curvature_dataset
 from .drilldown import SelfAndDrillMixin
 from .model_state import check_model_unchanged
 from .normalise import check_normalize, normalise_rows, row_weights
+from .registry import config_class
 
 if TYPE_CHECKING:
     from ..grouping.base import Grouper
@@ -131,14 +147,8 @@ class AttributorConfig(ConfigMixin):
         """
         target: type[AttributorConfig] = cls
         if cls is AttributorConfig:
-            from .registry import ATTRIBUTOR_TYPE_TO_CONFIG_MAPPING
-
-            kind = data.get("attributor_type", "")
-            if kind not in ATTRIBUTOR_TYPE_TO_CONFIG_MAPPING:
-                raise ValueError(f"Unknown attributor_type {kind!r}; registered: "
-                                 f"{sorted(ATTRIBUTOR_TYPE_TO_CONFIG_MAPPING)}.")
-            target = ATTRIBUTOR_TYPE_TO_CONFIG_MAPPING[kind]
-        return super(AttributorConfig, target).from_dict(dict(data))  # type: ignore[misc]
+            target = config_class(data.get("attributor_type", ""))
+        return super(AttributorConfig, target).from_dict(dict(data))
 
 
 @dataclass
@@ -425,12 +435,12 @@ class Attributor(SelfAndDrillMixin, ABC):
         with comp.activate(self.model):
             feature_tap = grouper.pass_tap(self.model, self.task, len(train),  # type: ignore
                                            sign=self.train_sign())
-            taps = self.prepare_pass(c, comp, engine, train, sub) + [feature_tap]
+            taps = [*self.prepare_pass(c, comp, engine, train, sub), feature_tap]
             points = engine.per_example_gradients(  # n vectors stay on disk with a store
                 train, fn=self.train_fn(), taps=taps, overwrite=overwrite, keep=False,
                 store=None if sub is None else str(sub / "points"))
             if points.fresh:
-                grouped = grouper.assign(train, features=feature_tap.matrix())  # type: ignore
+                grouped = grouper.assign(train, features=feature_tap.matrix())
             else:  # resumed from a point store: the features were not seen in this pass
                 grouped = grouper.assign(train, model=self.model, task=self.task)
             groups = engine.sum_into_groups(points, grouped, GROUP_COLUMN, self.train_fn())
@@ -472,7 +482,9 @@ class Attributor(SelfAndDrillMixin, ABC):
                 dataset = dataset.remove_columns(_ALL_QUERIES)
             dataset = dataset.add_column(_ALL_QUERIES, [0] * len(dataset))
             column = _ALL_QUERIES
-        vectors, fps, ids = [], [], []
+        vectors: list[torch.Tensor] = []
+        fps: list[dict[str, Any]] = []
+        ids: list[Any] = []
         for c, (comp, part) in enumerate(zip(self.components, state.parts)):
             engine = self._engine(c, comp)
             with comp.activate(self.model):

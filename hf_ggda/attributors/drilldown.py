@@ -8,8 +8,9 @@ of a :class:`~hf_ggda.scores.GroupScores`, with per-example gradients for those 
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Protocol, Sequence
 
 import torch
 from datasets import Dataset
@@ -22,15 +23,51 @@ from .model_state import check_model_unchanged
 from .normalise import normalise_rows
 
 if TYPE_CHECKING:
+    from ..gradients.engine import GradientEngine, RowFn
     from ..self_influence import SelfInfluence
+    from .base import AttributorConfig, Component, _Fit, _Part
 
 logger = get_logger(__name__)
 
 
-class SelfAndDrillMixin:
-    """Self-influence (groups and rows) and drill-down for :class:`Attributor`."""
+class _Host(Protocol):
+    """What the mixin uses of its host class, :class:`~hf_ggda.attributors.base.Attributor`."""
 
-    def self_scores(self) -> torch.Tensor:
+    @property
+    def model(self) -> torch.nn.Module: ...
+
+    @property
+    def config(self) -> AttributorConfig: ...
+
+    @property
+    def components(self) -> list[Component]: ...
+
+    @property
+    def _query_cache(self) -> OrderedDict[str, list[torch.Tensor]]: ...
+
+    def _require_fit(self) -> _Fit: ...
+
+    def train_fn(self) -> RowFn: ...
+
+    def self_fn(self) -> RowFn: ...
+
+    def _engine(self, index: int, component: Component) -> GradientEngine: ...
+
+    def _transform(self, part: _Part, vectors: torch.Tensor, side: str) -> torch.Tensor: ...
+
+    def _query_vectors(self, dataset: Dataset, mode: str, query_group_column: Optional[str]
+                       ) -> tuple[list[torch.Tensor], list[Any], list[dict[str, Any]]]: ...
+
+    def _combine(self, query: Sequence[torch.Tensor], train: Sequence[torch.Tensor],
+                 first_row: int = 0, columns: Optional[Sequence[Any]] = None
+                 ) -> torch.Tensor: ...
+
+
+class SelfAndDrillMixin:
+    """Self-influence (groups and rows) and drill-down for :class:`Attributor` (the host's
+    members that the methods use are typed by :class:`_Host`)."""
+
+    def self_scores(self: _Host) -> torch.Tensor:
         """Return each group's influence on its own summed loss, g_Gᵀ M⁻¹ g_G (K,).
 
         This is the diagonal of the train-vs-train scores
@@ -60,7 +97,7 @@ class SelfAndDrillMixin:
             state.self_scores = total
         return state.self_scores.clone()
 
-    def row_self_scores(self, rows: Dataset) -> torch.Tensor:
+    def row_self_scores(self: _Host, rows: Dataset) -> torch.Tensor:
         """Return each row's influence on its own loss, g_iᵀ M⁻¹ g_i (R,), for ``rows``.
 
         Computed with per-example gradients of ``rows`` only, under the fit's preconditioner
@@ -114,7 +151,7 @@ class SelfAndDrillMixin:
         return compute_self_influence(self, drill_top=drill_top, group_ids=group_ids,
                                       row_column=row_column)
 
-    def refine(self, scores: GroupScores, top_k: int = 5, query_index: Optional[int] = None,
+    def refine(self: _Host, scores: GroupScores, top_k: int = 5, query_index: Optional[int] = None,
                group_ids: Optional[Sequence[Any]] = None, row_column: Optional[str] = None,
                query_dataset: Optional[Dataset] = None) -> GroupScores:
         """Drill down: re-score the rows of chosen groups at point level.

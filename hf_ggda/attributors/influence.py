@@ -4,9 +4,9 @@ H is the Hessian of the summed training loss over the selected parameters, or an
 approximation: ``identity`` (grad-dot; ``normalize="unit"`` for per-row grad-cosine),
 ``kfac`` / ``ekfac`` (Kronecker factors per linear module, LoRA ``lora_A`` / ``lora_B``
 included), ``lissa`` (stochastic recursion with Hessian-vector products), ``datainf``
-(closed-form per-module inverse) or ``exact`` (the full Hessian; small models). Group gradients are stored
-unprojected, since curvature lives in the parameter space (projection is allowed with the
-identity only).
+(closed-form per-module inverse) or ``exact`` (the full Hessian; small models). Group gradients
+are stored unprojected, since curvature lives in the parameter space (projection is allowed
+with the identity only).
 
 Sign: removing G moves the optimum by ≈ +(H + λI)⁻¹ g_G (upweighting by ε moves it by
 −ε (H + λI)⁻¹ g_G), so the query loss changes by ≈ ∇ℓ(q)ᵀ (H + λI)⁻¹ g_G = τ: positive when

@@ -3,24 +3,26 @@
 Each method registers its config class and attributor class under a name
 (``register_attributor``); ``get_attributor`` builds one from a name, a config dict or a
 config object.
+
+This module sits below :mod:`hf_ggda.attributors.base`: it holds the mappings and imports the
+base classes for annotations only, so ``base`` can look a method's config class up here
+(``AttributorConfig.from_dict``) without an import cycle.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Mapping, Union
 
-from .base import AttributorConfig
-
 if TYPE_CHECKING:
-    from .base import Attributor
+    from .base import Attributor, AttributorConfig
 
 #: Method name -> config class.
-ATTRIBUTOR_TYPE_TO_CONFIG_MAPPING: dict[str, type[AttributorConfig]] = {}
+ATTRIBUTOR_TYPE_TO_CONFIG_MAPPING: dict[str, type["AttributorConfig"]] = {}
 #: Method name -> attributor class.
 ATTRIBUTOR_TYPE_TO_ATTRIBUTOR_MAPPING: dict[str, type["Attributor"]] = {}
 
 
-def register_attributor(name: str, config_cls: type[AttributorConfig],
+def register_attributor(name: str, config_cls: type["AttributorConfig"],
                         attributor_cls: type["Attributor"]) -> None:
     """Register a method.
 
@@ -44,8 +46,20 @@ def register_attributor(name: str, config_cls: type[AttributorConfig],
     attributor_cls.config_class = config_cls
 
 
+def config_class(name: str) -> type["AttributorConfig"]:
+    """Return the config class registered under ``name``.
+
+    Raises:
+        ValueError: No method is registered under ``name``.
+    """
+    if name not in ATTRIBUTOR_TYPE_TO_CONFIG_MAPPING:
+        raise ValueError(f"Unknown attributor_type {name!r}; registered: "
+                         f"{sorted(ATTRIBUTOR_TYPE_TO_CONFIG_MAPPING)}.")
+    return ATTRIBUTOR_TYPE_TO_CONFIG_MAPPING[name]
+
+
 def get_attributor_config(config: Union[str, Mapping[str, Any]], **overrides: Any
-                          ) -> AttributorConfig:
+                          ) -> "AttributorConfig":
     """Build a config from a method name or a dict (with ``attributor_type``).
 
     Args:
@@ -60,11 +74,11 @@ def get_attributor_config(config: Union[str, Mapping[str, Any]], **overrides: An
     """
     data = {"attributor_type": config} if isinstance(config, str) else dict(config)
     data.update(overrides)
-    return AttributorConfig.from_dict(data)
+    return config_class(data.get("attributor_type", "")).from_dict(data)
 
 
 def get_attributor(model: Any, task: Any,
-                   config: Union[str, Mapping[str, Any], AttributorConfig],
+                   config: Union[str, Mapping[str, Any], "AttributorConfig"],
                    **kwargs: Any) -> "Attributor":
     """Build an attributor.
 
@@ -80,7 +94,7 @@ def get_attributor(model: Any, task: Any,
     Raises:
         ValueError: Unknown method.
     """
-    if not isinstance(config, AttributorConfig):
+    if isinstance(config, (str, Mapping)):
         config = get_attributor_config(config)
     cls = ATTRIBUTOR_TYPE_TO_ATTRIBUTOR_MAPPING.get(config.attributor_type)
     if cls is None:

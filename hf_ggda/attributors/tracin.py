@@ -15,11 +15,15 @@ from typing import Optional, Sequence
 import torch
 
 from ..gradients.engine import EngineConfig
-from ..tasks import AttributionTask
 from ..logging import get_logger
+from ..tasks import AttributionTask
 from .base import Attributor, AttributorConfig, Component
-from .checkpoints import (Checkpoint, CheckpointSource, learning_rate_of_checkpoint,
-                          trainer_checkpoints)
+from .checkpoints import (
+    Checkpoint,
+    CheckpointSource,
+    learning_rate_of_checkpoint,
+    trainer_checkpoints,
+)
 from .registry import register_attributor
 
 logger = get_logger(__name__)

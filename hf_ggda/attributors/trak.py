@@ -24,27 +24,37 @@ import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol, Sequence, cast
 
 import numpy as np
 import torch
 from datasets import Dataset
 
 from ..curvature import MatrixPreconditioner, Preconditioner
+from ..curvature.mix import CurvatureData
+from ..distributed import all_reduce_sum
 from ..errors import GroupingError
 from ..gradients.engine import EngineConfig, GradientEngine, GroupGradients, fn_key, plan_groups
 from ..gradients.taps import Calls, PassTap
-from ..integrations.distributed import all_reduce_sum
 from ..logging import get_logger
 from ..tasks import GROUP_COLUMN, AttributionTask, Batch, CausalLMTask
 from .base import Attributor, AttributorConfig, Component
 from .checkpoints import Checkpoint, CheckpointSource
 from .registry import register_attributor
 
+if TYPE_CHECKING:
+    from ..grouping.base import Grouper
+
 logger = get_logger(__name__)
 
 OutputFn = Callable[[torch.nn.Module, Batch], torch.Tensor]
 KERNELS = ("group", "sample", "exact")
+
+
+class _MarginTask(Protocol):
+    """A task with a margin output function (e.g. ``SequenceClassificationTask``)."""
+
+    def margin(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor: ...
 
 
 def causal_lm_token_margins(task: CausalLMTask, model: torch.nn.Module,
@@ -202,7 +212,7 @@ class TRAK(Attributor):
             return self._custom_fn(model, batch)
         if isinstance(self.task, CausalLMTask):
             return causal_lm_margin(self.task, model, batch)
-        return self.task.margin(model, batch)
+        return cast(_MarginTask, self.task).margin(model, batch)  # checked in __init__
 
     def weighted_output(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
         """Σ of Q.detach() · f per row, whose gradient is Σ Q ∇f (per token for causal LMs)."""
@@ -259,7 +269,8 @@ class TRAK(Attributor):
 
     def fit(self, train_dataset: Dataset, group_column: str = GROUP_COLUMN,
             store: Optional[str | os.PathLike[str]] = None,
-            overwrite: bool = False, **kwargs: Any) -> "TRAK":
+            overwrite: bool = False, grouper: Optional["Grouper"] = None,
+            curvature_dataset: Optional[CurvatureData] = None) -> "TRAK":
         """As :meth:`Attributor.fit`; the group kernel is built over the same groups, and
         ``overwrite`` applies to the kernel's stores as well.
 
@@ -268,16 +279,16 @@ class TRAK(Attributor):
             group_column: Column of group ids (use a row-index column for point mode).
             store: Folder for resumable gradient stores (None: memory).
             overwrite: Replace stores made for another request instead of raising.
-            **kwargs: Further options of :meth:`Attributor.fit` (a ``grouper`` writes the
-                column ``group_id``).
+            grouper: As :meth:`Attributor.fit` (it writes the column ``group_id``).
+            curvature_dataset: As :meth:`Attributor.fit`.
 
         Returns:
             ``self``.
         """
-        grouped = kwargs.get("grouper") is not None
-        self._group_column = GROUP_COLUMN if grouped else group_column
+        self._group_column = GROUP_COLUMN if grouper is not None else group_column
         self._overwrite = overwrite
-        super().fit(train_dataset, group_column, store=store, overwrite=overwrite, **kwargs)
+        super().fit(train_dataset, group_column, store=store, overwrite=overwrite,
+                    grouper=grouper, curvature_dataset=curvature_dataset)
         return self
 
     def fit_preconditioner(self, component: Component, engine: GradientEngine,

@@ -26,14 +26,15 @@ from safetensors import safe_open
 from safetensors.torch import save as st_save
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ..atomic import atomic_write_bytes
+from ..distributed import rank_and_world
 from ..errors import GGDAError, NotFittedError
 from ..fingerprint import hash_json
 from ..gradients.engine import GradientEngine
 from ..gradients.taps import PassTap
-from ..integrations.distributed import rank_and_world
 from ..logging import get_logger, progress
-from ..store import atomic_write_bytes
 from ..tasks import Batch
+from .registry import register_preconditioner
 
 logger = get_logger(__name__)
 
@@ -333,21 +334,30 @@ class MatrixPreconditioner(Preconditioner):
         self.eigenvalues, self.eigenvectors = torch.linalg.eigh(sym)
         self.fitted = True
 
+    def _eigh(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(eigenvalues, eigenvectors) of M.
+
+        Raises:
+            NotFittedError: Not fitted.
+        """
+        self._require_fitted()
+        assert self.eigenvalues is not None and self.eigenvectors is not None  # set when fitted
+        return self.eigenvalues, self.eigenvectors
+
     def matrix(self) -> torch.Tensor:
         """Return M (reassembled from its eigendecomposition)."""
-        self._require_fitted()
-        q, e = self.eigenvectors, self.eigenvalues
+        e, q = self._eigh()
         return (q * e) @ q.T
 
     def apply(self, vectors: torch.Tensor) -> torch.Tensor:
         """Return (M + λI)⁻¹ V."""
-        self._require_fitted()
-        return psd_solve(self.eigenvalues, self.eigenvectors, self.damping, vectors)
+        e, q = self._eigh()
+        return psd_solve(e, q, self.damping, vectors)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Eigenvalues and eigenvectors of M."""
-        self._require_fitted()
-        return {"eigenvalues": self.eigenvalues, "eigenvectors": self.eigenvectors}
+        e, q = self._eigh()
+        return {"eigenvalues": e, "eigenvectors": q}
 
     def load_state_dict(self, ctx: CurvatureContext, state: dict[str, torch.Tensor]) -> None:
         """Restore the eigendecomposition."""
@@ -355,3 +365,6 @@ class MatrixPreconditioner(Preconditioner):
         self.eigenvalues = state["eigenvalues"].to(device)
         self.eigenvectors = state["eigenvectors"].to(device)
         self.fitted = True
+
+
+register_preconditioner(IdentityPreconditioner)

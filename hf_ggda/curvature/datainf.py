@@ -18,6 +18,7 @@ import torch
 from ..gradients.hooks import GradientCollector
 from ..logging import get_logger
 from .base import CurvatureContext, CurvatureError, Preconditioner
+from .registry import register_preconditioner
 
 logger = get_logger(__name__)
 
@@ -90,3 +91,6 @@ class DataInf(Preconditioner):
                     coef = (work[:, idx] @ g.T) / (lam_row + (g * g).sum(1))
                     acc[:, idx] += coef @ g
         return ((work - acc / n) / self.damping).to(vectors.dtype)
+
+
+register_preconditioner(DataInf)

@@ -15,6 +15,7 @@ import torch
 from ..logging import get_logger, progress
 from ..tasks import Batch
 from .base import CurvatureContext, CurvatureError, MatrixPreconditioner, Preconditioner
+from .registry import register_preconditioner
 
 logger = get_logger(__name__)
 
@@ -212,3 +213,7 @@ class LiSSA(Preconditioner):
                         "eigenvalue, or the damping above minus the smallest.")
             total += h / self.scale
         return total / self.repeat
+
+
+register_preconditioner(ExactHessian)
+register_preconditioner(LiSSA)

@@ -35,12 +35,13 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
+from ..distributed import all_reduce_sum
 from ..gradients.hooks import GradientCollector, TrackedLayer
 from ..gradients.taps import Calls, PassTap
-from ..integrations.distributed import all_reduce_sum
 from ..logging import get_logger
 from ..tasks import Batch
 from .base import CurvatureContext, CurvatureError, Preconditioner, RowVectors
+from .registry import register_preconditioner
 
 logger = get_logger(__name__)
 
@@ -55,6 +56,12 @@ class _Module:
     qa: Optional[torch.Tensor] = None
     qs: Optional[torch.Tensor] = None
     eig: Optional[torch.Tensor] = None  # (out, inp) eigenvalues of the Kronecker product
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(qa, qs, eig) of a fitted module."""
+        assert self.qa is not None and self.qs is not None and self.eig is not None, \
+            "the module's factors are not fitted"
+        return self.qa, self.qs, self.eig
 
     @property
     def width(self) -> int:
@@ -308,7 +315,7 @@ class EKFAC(KFAC):
             self._correct_by_pass(ctx)
             return
         keep = None if self._sample is None else set(self._sample)
-        corrected = [torch.zeros_like(m.eig) for m in self.modules]  # type: ignore[arg-type]
+        corrected = [torch.zeros_like(m.factors()[2]) for m in self.modules]
         for rows, vectors in row_vectors():
             if keep is not None:
                 pick = [j for j, r in enumerate(rows) if int(r) in keep]
@@ -316,8 +323,9 @@ class EKFAC(KFAC):
                     continue
                 vectors = vectors[pick]
             for i, m in enumerate(self.modules):
+                qa, qs, _ = m.factors()
                 mats = m.to_matrix(vectors).to(corrected[i].dtype)
-                corrected[i] += ((m.qs.T @ mats @ m.qa) ** 2).sum(0)
+                corrected[i] += ((qs.T @ mats @ qa) ** 2).sum(0)
         # the kept per-row vectors are every row's on every process (summed over processes,
         # or read back from the shared store), so the sum is already whole: no reduction
         for m, eig in zip(self.modules, corrected):
@@ -378,7 +386,7 @@ class _EigenTap(PassTap):
 
     def __init__(self, kfac: KFAC, ctx: CurvatureContext) -> None:
         self.kfac = kfac
-        self.corrected = [torch.zeros_like(m.eig) for m in kfac.modules]  # type: ignore[arg-type]
+        self.corrected = [torch.zeros_like(m.factors()[2]) for m in kfac.modules]
 
     def observe(self, batch: Batch, rows: Sequence[int], calls: Calls) -> None:
         for i, m in enumerate(self.kfac.modules):
@@ -391,7 +399,8 @@ class _EigenTap(PassTap):
                 a3 = m.augment(a.to(grad.dtype)).reshape(len(rows), -1, m.inp)
                 g3 = g.detach().to(grad.dtype).reshape(len(rows), -1, m.out)
                 grad += g3.transpose(1, 2) @ a3
-            self.corrected[i] += ((m.qs.T @ grad @ m.qa) ** 2).sum(0)
+            qa, qs, _ = m.factors()
+            self.corrected[i] += ((qs.T @ grad @ qa) ** 2).sum(0)
 
     def finish(self) -> None:
         for eig in self.corrected:
@@ -403,3 +412,7 @@ def _sampled(rows: Sequence[int], keep: Optional[set[int]]) -> Optional[list[int
     if keep is None:
         return None
     return [j for j, r in enumerate(rows) if int(r) in keep]
+
+
+register_preconditioner(KFAC)
+register_preconditioner(EKFAC)

@@ -18,8 +18,8 @@ import torch
 from datasets import Dataset
 
 from ..config import ConfigMixin
+from ..distributed import all_reduce_sum, barrier, rank_and_world
 from ..errors import GroupingError, MissingColumnError, NonFiniteError
-from ..integrations.distributed import all_reduce_sum, barrier, rank_and_world
 from ..fingerprint import hash_array, hash_json, hash_model, request_fingerprint
 from ..logging import get_logger, progress
 from ..params import ParameterSelection, SelectionSpec
@@ -459,6 +459,7 @@ class GradientEngine:
                 if store is not None:
                     store.write_shard(s, block)
                 else:
+                    assert grads is not None  # no store: the in-memory matrix
                     grads[plan.shards[s][0]:plan.shards[s][1]] = block
         bar.close()
         fresh = len(missing) == len(plan.shards)  # the same on every process
@@ -479,6 +480,7 @@ class GradientEngine:
                     {"store": store, "device": self.device})
             grads = store.load(self.device).to(self.dtype)
         else:
+            assert grads is not None
             grads = all_reduce_sum(grads)  # each group was computed by exactly one process
         return GroupGradients(grads, plan.group_ids, np.diff(plan.ptr), fp, fresh)
 

@@ -17,7 +17,7 @@ with one-hot group weights (``is_grads_batched``) otherwise.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import torch
 from transformers.pytorch_utils import Conv1D
@@ -50,6 +50,7 @@ class TrackedLayer:
     def widths(self) -> tuple[int, int]:
         """(d_in, d_out) of the layer."""
         w = self.module.weight
+        assert isinstance(w, torch.Tensor)  # a Linear / Conv1D weight
         return (int(w.shape[0]), int(w.shape[1])) if self.transposed \
             else (int(w.shape[1]), int(w.shape[0]))
 
@@ -161,7 +162,7 @@ class GradientCollector:
         self._handles.clear()
 
     @staticmethod
-    def _make_hook(t: TrackedLayer):  # type: ignore[no-untyped-def]
+    def _make_hook(t: TrackedLayer) -> Callable[[torch.nn.Module, tuple, torch.Tensor], None]:
         def hook(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> None:
             if output.requires_grad:
                 t.calls.append((inputs[0].detach(), output))
@@ -194,7 +195,7 @@ class GradientCollector:
         segments = segment_bounds(slots)
         many = len(segments) > 1
         fb = self._fallback_params if not many else []
-        grads = torch.autograd.grad(losses.sum(), outputs + fb, allow_unused=True,
+        grads = torch.autograd.grad(losses.sum(), [*outputs, *fb], allow_unused=True,
                                     retain_graph=bool(self._fallback_params) and many)
         pos, seen, projected = 0, {}, {}
         for li, t in enumerate(layers):

@@ -15,11 +15,10 @@ from typing import Any, Iterable, Iterator, Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from datasets import Dataset, IterableDataset
 
+from ..distributed import all_gather_object, rank_and_world
 from ..errors import EmptyDatasetError, GroupingError, MissingColumnError, NonFiniteError
-from ..integrations.distributed import rank_and_world
 from ..logging import progress
 from ..tasks import GROUP_COLUMN
 from .engine import GradientEngine, GroupGradients, RowFn, fn_key
@@ -151,8 +150,7 @@ def _gather(sums: dict[Any, torch.Tensor], sizes: dict[Any, int], world: int
     """Add every process's per-group sums (each row was read by exactly one process)."""
     if world == 1:
         return sums, sizes
-    parts: list[Optional[tuple[dict, dict]]] = [None] * world
-    dist.all_gather_object(parts, (sums, sizes))
+    parts: list[Optional[tuple[dict, dict]]] = all_gather_object((sums, sizes), world)
     total: dict[Any, torch.Tensor] = {}
     count: dict[Any, int] = {}
     for part in parts:

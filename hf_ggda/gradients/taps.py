@@ -22,7 +22,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from ..integrations.distributed import all_reduce_max, all_reduce_sum
+from ..distributed import all_reduce_max, all_reduce_sum
 
 #: Per observed module (by ``id``): its calls in the batch as (input, output gradient) pairs.
 Calls = dict[int, list[tuple[torch.Tensor, torch.Tensor]]]
@@ -55,7 +55,7 @@ class PassTap(ABC):
             calls: Per module id, the (input, output gradient) pairs of the batch.
         """
 
-    def finish(self) -> None:
+    def finish(self) -> None:  # noqa: B027 - optional hook: taps without statistics keep it
         """Sum the statistics over processes (call once, on every process, after the pass)."""
 
 
@@ -70,7 +70,7 @@ class OutputFeatureTap(PassTap):
     with a forward pass of its own.
 
     Args:
-        head: The output layer (``hf_ggda.tasks.find_head``).
+        head: The output layer (``hf_ggda.params.find_head``).
         project: Maps (errors (B, [T,] C), inputs (B, [T,] h)) to (B, p) features
             (:class:`~hf_ggda.grouping.features.OutputGradientProjector`).
         num_rows: Rows n of the dataset (features are kept per dataset row).

@@ -12,63 +12,78 @@ cover the model weights, so repeated runs are datasets cache hits::
 
 from __future__ import annotations
 
-from dataclasses import fields
-from typing import Any, Optional
-
-from .base import (Assignment, Grouper, GrouperConfig, GroupingReport, model_weights_hash,
-                   write_group_column)
-from .clustering import ClusterResult, capped_assign, canonical_labels, fit_kmeans
-from .coherence import (CoherenceResult, coherence_from_gradients, compare_groupings,
-                        group_coherence, sample_rows)
+from .base import (
+    Assignment,
+    Grouper,
+    GrouperConfig,
+    GroupingReport,
+    model_weights_hash,
+    write_group_column,
+)
+from .clustering import ClusterResult, canonical_labels, capped_assign, fit_kmeans
+from .coherence import (
+    CoherenceResult,
+    coherence_from_gradients,
+    compare_groupings,
+    group_coherence,
+    sample_rows,
+)
 from .features import FEATURE_COLUMN, OutputGradientProjector
-from .kmeans import (GradKMeansConfig, GradKMeansGrouper, KMeansConfig, KMeansInputConfig,
-                     KMeansInputGrouper, KMeansReprGrouper, ModelKMeansConfig)
+from .kmeans import (
+    GradKMeansConfig,
+    GradKMeansGrouper,
+    KMeansConfig,
+    KMeansInputConfig,
+    KMeansInputGrouper,
+    KMeansReprGrouper,
+    ModelKMeansConfig,
+)
 from .partition import allocate_groups, check_num_groups, factorize
-from .simple import (ColumnConfig, ColumnGrouper, RandomConfig, RandomGrouper,
-                     StratifiedConfig, StratifiedGrouper)
-
-#: Registry: name -> grouper class.
-GROUPERS: dict[str, type[Grouper]] = {
-    cls.name: cls for cls in (RandomGrouper, StratifiedGrouper, ColumnGrouper,
-                              KMeansInputGrouper, KMeansReprGrouper, GradKMeansGrouper)
-}
-
-
-def get_grouper(name: str, config: Optional[GrouperConfig] = None, **kwargs: Any) -> Grouper:
-    """Build a registered grouper from its name and settings.
-
-    Args:
-        name: One of :data:`GROUPERS` (``"random"``, ``"stratified"``, ``"column"``,
-            ``"kmeans-input"``, ``"kmeans-repr"``, ``"grad-kmeans"``; ``_`` works for ``-``).
-        config: A ready config (instead of keyword settings).
-        **kwargs: Fields of the grouper's config class.
-
-    Returns:
-        The grouper.
-
-    Raises:
-        ValueError: Unknown name or unknown setting (the message lists the valid ones).
-        GroupingError: An invalid K.
-    """
-    key = name.strip().lower().replace("_", "-")
-    if key not in GROUPERS:
-        raise ValueError(f"Unknown grouper {name!r}; choose one of {sorted(GROUPERS)}.")
-    cls = GROUPERS[key]
-    valid = {f.name for f in fields(cls.config_class)}
-    unknown = sorted(set(kwargs) - valid)
-    if unknown:
-        raise ValueError(f"Unknown settings {unknown} for grouper {key!r}; valid settings: "
-                         f"{sorted(valid)}.")
-    return cls(config, **kwargs)
-
+from .registry import GROUPERS, get_grouper, register_grouper
+from .simple import (
+    ColumnConfig,
+    ColumnGrouper,
+    RandomConfig,
+    RandomGrouper,
+    StratifiedConfig,
+    StratifiedGrouper,
+)
 
 __all__ = [
-    "Assignment", "ClusterResult", "CoherenceResult", "ColumnConfig", "ColumnGrouper",
-    "FEATURE_COLUMN", "GROUPERS", "GradKMeansConfig", "GradKMeansGrouper", "Grouper",
-    "GrouperConfig", "GroupingReport", "KMeansConfig", "KMeansInputConfig",
-    "KMeansInputGrouper", "KMeansReprGrouper", "ModelKMeansConfig", "OutputGradientProjector",
-    "RandomConfig", "RandomGrouper", "StratifiedConfig", "StratifiedGrouper",
-    "allocate_groups", "canonical_labels", "capped_assign", "check_num_groups",
-    "coherence_from_gradients", "compare_groupings", "factorize", "fit_kmeans", "get_grouper",
-    "group_coherence", "model_weights_hash", "sample_rows", "write_group_column",
+    "FEATURE_COLUMN",
+    "GROUPERS",
+    "Assignment",
+    "ClusterResult",
+    "CoherenceResult",
+    "ColumnConfig",
+    "ColumnGrouper",
+    "GradKMeansConfig",
+    "GradKMeansGrouper",
+    "Grouper",
+    "GrouperConfig",
+    "GroupingReport",
+    "KMeansConfig",
+    "KMeansInputConfig",
+    "KMeansInputGrouper",
+    "KMeansReprGrouper",
+    "ModelKMeansConfig",
+    "OutputGradientProjector",
+    "RandomConfig",
+    "RandomGrouper",
+    "StratifiedConfig",
+    "StratifiedGrouper",
+    "allocate_groups",
+    "canonical_labels",
+    "capped_assign",
+    "check_num_groups",
+    "coherence_from_gradients",
+    "compare_groupings",
+    "factorize",
+    "fit_kmeans",
+    "get_grouper",
+    "group_coherence",
+    "model_weights_hash",
+    "register_grouper",
+    "sample_rows",
+    "write_group_column",
 ]

@@ -87,7 +87,7 @@ def capped_assign(dist: np.ndarray, cap: Optional[int] = None,
                 if room and sizes[c] == floor:
                     big += 1
             else:
-                room = sizes[c] < cap  # type: ignore[operator]
+                room = sizes[c] < cap
             if room:
                 labels[i] = c
                 sizes[c] += 1

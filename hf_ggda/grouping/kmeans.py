@@ -19,14 +19,23 @@ from datasets import Dataset
 from ..errors import ColumnTypeError, GroupingError
 from ..gradients.taps import OutputFeatureTap
 from ..logging import get_logger
-from ..tasks import AttributionTask, find_head
+from ..params import find_head
+from ..tasks import AttributionTask
 from .base import Assignment, Grouper, GrouperConfig
-from .partition import (allocate_groups, check_k_setting, check_num_groups, column_values,
-                        factorize)
 from .clustering import fit_kmeans
-from .features import (OutputGradientProjector, dense_matrix, feature_fingerprint,
-                       flatten_fn, hashed_counts_fn, is_text_feature, model_feature_fn,
-                       run_feature_map, sparse_matrix)
+from .features import (
+    OutputGradientProjector,
+    dense_matrix,
+    feature_fingerprint,
+    flatten_fn,
+    hashed_counts_fn,
+    is_text_feature,
+    model_feature_fn,
+    run_feature_map,
+    sparse_matrix,
+)
+from .partition import allocate_groups, check_k_setting, check_num_groups, column_values, factorize
+from .registry import register_grouper
 
 logger = get_logger(__name__)
 
@@ -387,3 +396,8 @@ class GradKMeansGrouper(_ModelKMeansGrouper):
             err, feats = task.output_gradient(model, batch)
             return project(err, feats)
         return compute
+
+
+register_grouper(KMeansInputGrouper)
+register_grouper(KMeansReprGrouper)
+register_grouper(GradKMeansGrouper)

@@ -82,7 +82,7 @@ def factorize(values: Sequence[Any], column: str) -> tuple[list[Any], np.ndarray
             f"`dataset.map(lambda r: {{{column!r}: r[{column!r}] or 'unknown'}})`, or drop them.")
     keys = [_hashable(v) for v in values]
     try:
-        uniq: list[Any] = sorted(set(keys))  # type: ignore[type-var]
+        uniq: list[Any] = sorted(set(keys))
     except TypeError as err:
         raise GroupingError(f"Values of column {column!r} cannot be sorted ({err}).") from err
     index = {u: i for i, u in enumerate(uniq)}

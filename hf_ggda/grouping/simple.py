@@ -11,8 +11,8 @@ from datasets import Dataset
 
 from ..tasks import AttributionTask
 from .base import Assignment, Grouper, GrouperConfig
-from .partition import (allocate_groups, check_k_setting, check_num_groups, column_values,
-                        factorize)
+from .partition import allocate_groups, check_k_setting, check_num_groups, column_values, factorize
+from .registry import register_grouper
 
 
 @dataclass
@@ -161,3 +161,8 @@ class ColumnGrouper(Grouper):
         values, ids = factorize(column_values(dataset, self.config.column),
                                  self.config.column)
         return Assignment(ids, len(values), {"values": dict(enumerate(values))})
+
+
+register_grouper(RandomGrouper)
+register_grouper(StratifiedGrouper)
+register_grouper(ColumnGrouper)

@@ -15,89 +15,21 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from datasets import Dataset
 
-from ..errors import OutputPathError
+# the dataset-folder writer lives in hf_ggda.atomic; importing it from here keeps working
+from ..atomic import OUTPUT_MARKER as OUTPUT_MARKER
+from ..atomic import save_dataset_atomic
 from ..logging import get_logger
 
 logger = get_logger(__name__)
 
 CARD_FILE = "README.md"
-#: Written into every dataset folder :func:`save_dataset_atomic` saves: only a folder that
-#: carries it (or an empty one) is ever replaced, so a user's own folder is never deleted.
-OUTPUT_MARKER = ".hf_ggda_output"
 _CARD_SUFFIXES = (".png", ".jpg", ".jpeg", ".svg")
-
-
-def _check_replaceable(target: Path) -> None:
-    """Refuse to replace anything at ``target`` that hf_ggda did not write.
-
-    Raises:
-        OutputPathError: ``target`` is a file or a link, or a non-empty folder without the
-            :data:`OUTPUT_MARKER` of an earlier hf_ggda save.
-    """
-    if not os.path.lexists(target):
-        return
-    if target.is_symlink() or not target.is_dir():
-        raise OutputPathError(
-            f"The output path {str(target)!r} exists and is not a folder hf_ggda wrote (it is "
-            "a file or a link). hf_ggda never deletes what it did not write: move it away or "
-            "choose another output folder.")
-    entries = sorted(os.listdir(target))
-    if entries and OUTPUT_MARKER not in entries:
-        shown = ", ".join(entries[:6]) + (f" and {len(entries) - 6} more"
-                                          if len(entries) > 6 else "")
-        raise OutputPathError(
-            f"The output folder {str(target)!r} already holds files hf_ggda did not write "
-            f"({shown}); saving there would delete them. hf_ggda never deletes what it did not "
-            "write: move the folder away or choose another output folder.")
-
-
-def save_dataset_atomic(dataset: Dataset, path: str | os.PathLike[str]) -> Path:
-    """``save_to_disk`` into a temporary sibling folder, then move it into place.
-
-    A reader never sees a half-written folder under ``path``: it sees the old complete folder,
-    nothing (for the instant between the two renames when replacing), or the new one. Only a
-    folder an earlier call wrote (it carries :data:`OUTPUT_MARKER`) or an empty one is
-    replaced.
-
-    Args:
-        dataset: The rows to save.
-        path: Target folder.
-
-    Returns:
-        The target folder.
-
-    Raises:
-        OutputPathError: ``path`` is a file, a link, or a folder of files hf_ggda did not
-            write (nothing is written then).
-        OSError: The folder cannot be written; a previous folder at ``path`` is kept.
-    """
-    target = Path(path)
-    _check_replaceable(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
-    try:
-        dataset.save_to_disk(str(tmp))
-        (tmp / OUTPUT_MARKER).write_text("Saved by hf_ggda (save_dataset_atomic); a later save "
-                                         "may replace this folder.\n")
-        _check_replaceable(target)  # again: another process may have put files there
-        old = None
-        if target.exists():
-            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(target, old)
-        os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
 
 
 @dataclass
@@ -195,7 +127,8 @@ def push_scored_dataset(dataset: Dataset, repo_id: str,
         Path(tempfile.mkdtemp(prefix="ggda-push-"))
     staging.mkdir(parents=True, exist_ok=True)
     dataset_dir = save_dataset_atomic(dataset, staging / "dataset")
-    card_path, card_files = (None, [])
+    card_path: Optional[Path] = None
+    card_files: list[str] = []
     if card_dir is not None:
         card_path, card_files = _stage_card(Path(card_dir), staging)
     plan = PushPlan(repo_id=repo_id, private=private, staging_dir=staging,

@@ -70,8 +70,7 @@ def load_local_model(path: str, task_type: str = "classification",
         FileNotFoundError: ``path`` or ``adapter`` does not exist.
         ValueError: Unknown ``task_type``.
     """
-    from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification,
-                              AutoTokenizer)
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     for p in (path, adapter):
         if p is not None and not Path(p).exists():

@@ -180,6 +180,6 @@ class GroupLDS(evaluate.Metric):
         return {
             "lds": lds, "lds_ci_low": low, "lds_ci_high": high,
             "lds_std": float(defined.std(ddof=1)) if len(defined) > 1 else float("nan"),
-            "num_queries": int(len(defined)), "num_undefined": int(len(values) - len(defined)),
+            "num_queries": len(defined), "num_undefined": int(len(values) - len(defined)),
             "spearman_per_query": values.tolist(),
         }
