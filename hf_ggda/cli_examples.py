@@ -70,4 +70,4 @@ def add_examples(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()) ->
         parser.formatter_class = argparse.RawDescriptionHelpFormatter
     for action in subs:
         for name, child in action.choices.items():
-            add_examples(child, path + (name,))
+            add_examples(child, (*path, name))

@@ -26,7 +26,7 @@ def _eval_spec(text: str) -> tuple[str, str]:
 def add_sources_parser(sub: Any) -> None:
     """Add the ``sources`` subcommand (one sub-subcommand per attribution method)."""
     from .attributors import ATTRIBUTOR_TYPE_TO_CONFIG_MAPPING
-    from .cli import _add_io, _int_at_least
+    from .cli_common import _add_io, _int_at_least
 
     sources = sub.add_parser("sources", help="Rank named training sources by their effect "
                                              "on evaluation sets, with intervals.")
@@ -54,9 +54,9 @@ def run_sources(args: argparse.Namespace) -> None:
         GGDAError: Bad options, data or model (each a typed error naming the fix).
     """
     from .attributors import ATTRIBUTOR_TYPE_TO_CONFIG_MAPPING, get_attributor
-    from .cli import TaskArgs, _check_outputs, _file_options, _load, _read_data, _validate
+    from .cli_common import TaskArgs, _check_outputs, _file_options, _load, _read_data, _validate
+    from .distributed import rank_and_world
     from .errors import ConfigError
-    from .integrations.distributed import rank_and_world
     from .pipeline import RunWriter
     from .sources import attribute_sources
 

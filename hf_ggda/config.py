@@ -34,8 +34,8 @@ import typing
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, TypeVar
 
+from .atomic import atomic_write_bytes
 from .errors import ConfigError, ConfigTypeError, GGDAError
-from .store import atomic_write_bytes
 
 T = TypeVar("T", bound="ConfigMixin")
 CONFIG_NAME = "ggda_config.json"
@@ -66,7 +66,8 @@ class ConfigMixin:
             ConfigTypeError: The value has the wrong type for the field.
             ConfigError: A float field got NaN or Inf.
         """
-        hint = _field_hints(type(self)).get(name)
+        # (classes are hashable; typeshed types ConfigMixin.__hash__ as an instance method)
+        hint = _field_hints(type(self)).get(name)  # type: ignore[arg-type]
         if hint is not None:
             value = _checked(type(self).__name__, name, hint, value)
         object.__setattr__(self, name, value)
@@ -186,8 +187,7 @@ class ConfigMixin:
 
 def field_names(classes: Iterable[type]) -> list[str]:
     """Return the sorted field names of some config dataclasses."""
-    return sorted({f.name for c in classes
-                   for f in dataclasses.fields(c)})  # type: ignore[arg-type]
+    return sorted({f.name for c in classes for f in dataclasses.fields(c)})
 
 
 def check_known_keys(data: Mapping[str, Any], classes: Iterable[type], where: str,
@@ -269,9 +269,11 @@ def _closest(key: str, valid: list[str]) -> Optional[str]:
 
 
 def _class_names(cls: type) -> set[str]:
-    names, todo = {cls.__name__}, [cls]
+    names: set[str] = {cls.__name__}
+    todo: list[type] = [cls]
     while todo:
-        for sub in todo.pop().__subclasses__():
+        subs: list[type] = todo.pop().__subclasses__()
+        for sub in subs:
             names.add(sub.__name__)
             todo.append(sub)
     return names
@@ -284,7 +286,7 @@ def _field_hints(cls: type) -> dict[str, Any]:
         return {}
     try:
         hints = typing.get_type_hints(cls)
-    except Exception:  # noqa: BLE001 - an unresolvable hint only switches checks off
+    except Exception:
         return {}
     return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.name in hints}
 

@@ -96,7 +96,7 @@ def read_result(folder: Path, fmt: ResultFormat) -> tuple[dict[str, Any], dict[s
     meta = _read_meta(folder / fmt.meta_file, fmt)
     try:
         tensors = st_load((folder / fmt.tensors_file).read_bytes())
-    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
+    except Exception as err:
         raise fmt.error(folder / fmt.tensors_file,
                         f"it cannot be read as safetensors ({err})") from None
     names = set(tensors)
@@ -163,4 +163,4 @@ def check_ids(path: Path, fmt: ResultFormat, meta: Mapping[str, Any],
             raise fmt.error(path, f"{key} holds duplicate ids")
 
 
-__all__ = ["ResultFormat", "read_result", "check_ids", "refuse_constant", "scalar_ok"]
+__all__ = ["ResultFormat", "check_ids", "read_result", "refuse_constant", "scalar_ok"]

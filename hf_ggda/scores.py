@@ -24,10 +24,10 @@ from safetensors.torch import save as st_save
 
 from . import SIGN_CONVENTION
 from .alignment import check_grouping, check_positional_rows, check_query_rows
+from .atomic import atomic_write_bytes
 from .errors import MissingColumnError, ScoresFileError
 from .logging import get_logger
 from .result_files import ResultFormat, check_ids, read_result
-from .store import atomic_write_bytes
 
 logger = get_logger(__name__)
 
@@ -286,7 +286,7 @@ class GroupScores:
                 raise ValueError(f"The query dataset has {len(query)} rows but the scores "
                                  f"have {self.num_queries} queries.")
             check_query_rows(self.fingerprints.get("query_rows"), query)
-            slots = list(range(len(query)))
+            slots: list[Optional[int]] = list(range(len(query)))
         else:
             col = self.query_group_column or ""
             if col not in query.column_names:

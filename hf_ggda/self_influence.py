@@ -20,14 +20,21 @@ import torch
 from datasets import Dataset
 from safetensors.torch import save as st_save
 
+from .alignment import check_grouping, check_positional_rows
+from .atomic import atomic_write_bytes
 from .errors import MissingColumnError
 from .logging import get_logger
 from .result_files import ResultFormat, check_ids, read_result
-from .alignment import check_grouping, check_positional_rows
-from .scores import (GROUP_RANK_COLUMN, GROUP_SCORE_COLUMN, POINT_SCORE_COLUMN,
-                     POINT_SELF_COLUMN, SELF_INFLUENCE_COLUMN, SELF_RANK_COLUMN, _plain,
-                     _plain_list)
-from .store import atomic_write_bytes
+from .scores import (
+    GROUP_RANK_COLUMN,
+    GROUP_SCORE_COLUMN,
+    POINT_SCORE_COLUMN,
+    POINT_SELF_COLUMN,
+    SELF_INFLUENCE_COLUMN,
+    SELF_RANK_COLUMN,
+    _plain,
+    _plain_list,
+)
 
 logger = get_logger(__name__)
 
@@ -271,4 +278,4 @@ def compute_self_influence(attributor: Any, drill_top: int = 0,
     return result
 
 
-__all__ = ["SelfInfluence", "compute_self_influence", "SELF_RANK_COLUMN", "POINT_SELF_COLUMN"]
+__all__ = ["POINT_SELF_COLUMN", "SELF_RANK_COLUMN", "SelfInfluence", "compute_self_influence"]

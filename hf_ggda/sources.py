@@ -163,7 +163,7 @@ class SourceReport:
 
     def plot_png(self, evaluation: Optional[str] = None) -> bytes:
         """A horizontal bar chart of the sources' scores with their intervals (PNG bytes)."""
-        from .integrations.cards import _figure, _png
+        from .integrations.card_parts import _figure, _png
 
         name = evaluation or self.evaluations[0]
         rows = [r for r in self.table.to_list() if r["evaluation"] == name]
@@ -184,7 +184,7 @@ class SourceReport:
 
     def to_markdown(self) -> str:
         """The table as Markdown (ids escaped), most harmful first within each evaluation."""
-        from .integrations.cards import md_code
+        from .integrations.card_parts import md_code
 
         lines = ["| evaluation | source | rows | score | interval | verdict |",
                  "|---|---|---:|---:|---|---|"]

@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -34,58 +33,40 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as st_save
 
-from .errors import (CorruptShardError, StoreChangedError, StoreFolderNotEmptyError,
-                     StoreMismatchError, StoreNotFoundError, StoreReadOnlyError)
+from .atomic import atomic_write_bytes
+from .atomic import write_temp as _write_temp
+from .errors import (
+    CorruptShardError,
+    StoreChangedError,
+    StoreFolderNotEmptyError,
+    StoreMismatchError,
+    StoreNotFoundError,
+    StoreReadOnlyError,
+)
 from .logging import get_logger
-from .store_guard import (CONTENT_KEYS, FORMAT_VERSION, MANIFEST, SHARDS_DIR, blocking_entries,
-                          check_store_path, folder_lock, foreign_entries, not_empty_message,
-                          own_shard_files, read_manifest, read_only_message, request_hash,
-                          stale_temp_files, temp_prefix)
+from .store_guard import (
+    CONTENT_KEYS,
+    FORMAT_VERSION,
+    MANIFEST,
+    SHARDS_DIR,
+    blocking_entries,
+    check_store_path,
+    folder_lock,
+    foreign_entries,
+    not_empty_message,
+    own_shard_files,
+    read_manifest,
+    read_only_message,
+    request_hash,
+    stale_temp_files,
+)
 
 logger = get_logger(__name__)
 
-__all__ = ["GradientStore", "atomic_write_bytes", "MANIFEST", "FORMAT_VERSION"]
+__all__ = ["FORMAT_VERSION", "MANIFEST", "GradientStore", "atomic_write_bytes"]
 
 #: Seconds a writer waits for another process to release a store's lock.
 LOCK_TIMEOUT_S = 60.0
-
-
-def _write_temp(path: Path, data: bytes) -> str:
-    """Write ``data`` to a fresh temp file beside ``path`` (flushed to disk); return its name.
-
-    Raises:
-        OSError: The write failed; no temp file is left behind.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path.name), suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; use the usual mode
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return tmp
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file and ``os.replace`` (no partial files).
-
-    Raises:
-        OSError: The write failed (e.g. disk full); the previous file, if any, is untouched.
-    """
-    tmp = _write_temp(path, data)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _checksum(t: torch.Tensor) -> str:

@@ -21,7 +21,6 @@ import contextlib
 import json
 import os
 import re
-import socket
 import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -29,8 +28,13 @@ from typing import Any, Iterator, Optional
 from filelock import FileLock, Timeout
 from safetensors import safe_open
 
-from .errors import (ManifestError, StoreFolderNotEmptyError, StoreLockedError, StorePathError,
-                     StoreReadOnlyError)
+from .atomic import host_tag
+from .errors import (
+    ManifestError,
+    StoreLockedError,
+    StorePathError,
+    StoreReadOnlyError,
+)
 from .fingerprint import hash_json
 
 MANIFEST = "manifest.json"
@@ -52,27 +56,6 @@ _OWNER_RE = re.compile(r"\.(?P<host>[A-Za-z0-9-]+)\.(?P<pid>\d+)\.[A-Za-z0-9_]+\
 def _fix(path: Path) -> str:
     return (f"If {str(path)!r} is a gradient store you no longer need, delete that folder and "
             "rerun; otherwise pass another (new or empty) store path.")
-
-
-def host_tag() -> str:
-    """This machine's name as it appears in temp-file names.
-
-    Returns:
-        The host name with every character other than letters, digits and ``-`` replaced.
-    """
-    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
-
-
-def temp_prefix(target: str) -> str:
-    """Prefix of the temp files written for ``target``: names the writing host and process.
-
-    Args:
-        target: File name the temp file will be moved to.
-
-    Returns:
-        ``.<target>.<host>.<pid>.`` (``mkstemp`` adds a random part and ``.tmp``).
-    """
-    return f".{target}.{host_tag()}.{os.getpid()}."
 
 
 def request_hash(manifest: dict[str, Any]) -> str:

@@ -21,8 +21,7 @@ import pyarrow.compute as pc
 import torch
 from datasets import Dataset
 
-from .errors import (DatasetTypeError, LabelError, ModelStateError, NullValueError,
-                     ModelInputError)
+from .errors import DatasetTypeError, LabelError, ModelInputError, ModelStateError, NullValueError
 
 _BATCH = 16384
 _SHOWN = 10
@@ -183,7 +182,7 @@ def head_outputs(model: torch.nn.Module) -> tuple[Optional[int], Optional[str]]:
     cfg = getattr(model, "config", None)
     num = getattr(cfg, "num_labels", None) if cfg is not None else None
     if not isinstance(num, int):
-        from .tasks import find_head
+        from .params import find_head
 
         try:
             head = find_head(model)
@@ -264,7 +263,8 @@ def check_inputs_fit_model(prepared: Dataset, model: torch.nn.Module,
     """
     if column not in prepared.column_names:
         return
-    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    getter = getattr(model, "get_input_embeddings", None)
+    embed = getter() if callable(getter) else None
     size = getattr(embed, "num_embeddings", None)
     limit = _position_limit(model)
     if size is None and limit is None:

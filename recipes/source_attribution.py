@@ -43,8 +43,7 @@ from datasets import Dataset
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE / "benchmarks")]
 
-from _common import (Timings, base_parser, parse_sized, recipe_run, say, setup_run,  # noqa: E402
-                     write_figures)
+from _common import Timings, base_parser, parse_sized, recipe_run, say, setup_run, write_figures  # noqa: E402
 from _sources_bench import KINDS, Bench, build_bench  # noqa: E402
 
 from hf_ggda.tasks import ROW_COLUMN  # noqa: E402
@@ -254,8 +253,8 @@ def drill_figures(report: Any, bench: Bench) -> dict[str, Any]:
 
 def write_outputs(run: Any, bench: Bench, report: Any) -> None:
     """The scored training rows, the report files and the attribution card, into the run."""
+    from hf_ggda.atomic import atomic_write_bytes
     from hf_ggda.integrations.cards import write_attribution_card
-    from hf_ggda.store import atomic_write_bytes
 
     scored = report.to_dataset_columns(bench.train)
     run.dataset("train_scored", scored)

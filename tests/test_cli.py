@@ -13,8 +13,8 @@ from datasets import load_from_disk
 from hf_ggda import cli
 from hf_ggda.cli import main
 from hf_ggda.pipeline import read_run
-from hf_ggda.viewer import open_run
 from hf_ggda.testing import tiny_lora, tiny_model, tiny_tokenizer, toy_dataset
+from hf_ggda.viewer import open_run
 
 
 @pytest.fixture
@@ -123,7 +123,7 @@ def test_accelerate_launch_two_cpu_processes_equal_one(saved_model):
     args = ["attribute", "tracin", "--model", str(d / "base"), "--adapter", str(d / "adapter"),
             "--train", str(d / "grouped"), "--queries", str(d / "queries.jsonl"),
             "--max-length", "16", "--shard-rows", "6"]
-    assert main(args + ["--output", str(d / "one")]) == 0
+    assert main([*args, "--output", str(d / "one")]) == 0
     launcher = shutil.which("accelerate") or f"{sys.prefix}/bin/accelerate"
     config = Path(__file__).resolve().parents[1] / "recipes" / "accelerate" / "cpu_2proc.yaml"
     cmd = [launcher, "launch", "--config_file", str(config),
@@ -139,12 +139,12 @@ def test_store_for_another_request_is_a_clean_cli_error(saved_model, capsys):
     common = ["attribute", "influence", "--model", str(d / "base"), "--train", str(d / "train"),
               "--queries", str(d / "queries.jsonl"), "--max-length", "16", "--store",
               str(d / "st"), "--group-column", "label"]
-    assert main(common + ["--output", str(d / "a")]) == 0
-    assert main(common + ["--output", str(d / "b"), "--max-length", "12"]) == 2
+    assert main([*common, "--output", str(d / "a")]) == 0
+    assert main([*common, "--output", str(d / "b"), "--max-length", "12"]) == 2
     err = capsys.readouterr().err
     assert "was made for a different request" in err and "max_length" in err
     assert "Traceback" not in err and not (d / "b").exists()
-    assert main(common + ["--output", str(d / "b"), "--max-length", "12", "--overwrite"]) == 0
+    assert main([*common, "--output", str(d / "b"), "--max-length", "12", "--overwrite"]) == 0
 
 
 def test_prune_and_card_from_an_attribute_run(saved_model, capsys):
@@ -210,7 +210,7 @@ def _leaf_commands(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
         yield path, parser
     for action in subs:
         for name, child in action.choices.items():
-            yield from _leaf_commands(child, path + (name,))
+            yield from _leaf_commands(child, (*path, name))
 
 
 def test_every_command_help_ends_with_an_example_that_parses() -> None:

@@ -22,6 +22,7 @@ import pytest
 import torch
 from safetensors.torch import save as st_save
 
+import hf_ggda.atomic as atomic_module
 import hf_ggda.store as store_module
 from hf_ggda.errors import (
     CorruptShardError,
@@ -496,7 +497,7 @@ def test_two_processes_on_one_store_get_their_own_results_or_a_typed_error(tmp_p
 def test_stale_temp_files_are_removed_but_a_live_writers_are_kept(tmp_path):
     path = tmp_path / "s"
     _synthetic(path, finish=False)
-    host = store_module.temp_prefix("x").split(".")[2]
+    host = atomic_module.temp_prefix("x").split(".")[2]
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     names = {"live": f"shards/.shard-00001.safetensors.{host}.{os.getpid()}.ab1.tmp",

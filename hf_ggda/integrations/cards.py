@@ -19,24 +19,35 @@ mathtext).
 
 from __future__ import annotations
 
-import io
 import json
 import os
-import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 from datasets import ClassLabel, Dataset
 
 from .. import __version__
+from ..atomic import atomic_write_bytes
 from ..errors import MissingColumnError
 from ..fingerprint import hash_json
 from ..logging import get_logger
 from ..scores import GroupScores
 from ..self_influence import SelfInfluence
-from ..store import atomic_write_bytes
+from .card_parts import (
+    Curve,
+    CurveSpec,
+    _cell,
+    _fence,
+    _fmt,
+    _plot_text,
+    _slug,
+    bar_chart_png,
+    curve_png,
+    histogram_png,
+    md_code,
+    md_text,
+)
 
 logger = get_logger(__name__)
 
@@ -55,27 +66,6 @@ DEFAULT_LIMITS = (
 )
 
 
-@dataclass
-class Curve:
-    """An evaluation curve to plot on the card (e.g. recall vs fraction inspected).
-
-    Attributes:
-        x: X values.
-        y: Y values, same length.
-        xlabel: X axis label.
-        ylabel: Y axis label.
-        baseline: Optional (x, y) of a reference curve (e.g. random inspection).
-    """
-
-    x: Sequence[float]
-    y: Sequence[float]
-    xlabel: str = "fraction of training data"
-    ylabel: str = ""
-    baseline: Optional[tuple[Sequence[float], Sequence[float]]] = None
-
-
-CurveSpec = Union[Curve, tuple[Sequence[float], Sequence[float]]]
-
 
 def default_template_path() -> Path:
     """Return the bundled card template.
@@ -89,167 +79,6 @@ def default_template_path() -> Path:
         if path.exists():
             return path
     raise FileNotFoundError(f"Cannot find model_cards/{TEMPLATE_NAME}; pass template_path=.")
-
-
-def _figure(width: float = 6.4, height: float = 4.0) -> Any:
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError as err:  # pragma: no cover - matplotlib is installed in tests
-        raise ImportError("Attribution cards draw plots with matplotlib: "
-                          "pip install matplotlib") from err
-    fig = Figure(figsize=(width, height), dpi=100)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _png(fig: Any) -> bytes:
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
-
-
-def histogram_png(values: np.ndarray, title: str) -> bytes:
-    """Histogram of group scores with a line at zero.
-
-    Args:
-        values: (K,) scores.
-        title: Plot title.
-
-    Returns:
-        PNG bytes.
-    """
-    fig = _figure()
-    ax = fig.subplots()
-    bins = int(min(50, max(5, len(values) // 2)))
-    ax.hist(values, bins=bins, color="#4C72B0", edgecolor="white")
-    ax.axvline(0.0, color="black", linewidth=1, linestyle="--")
-    ax.yaxis.get_major_locator().set_params(integer=True)
-    ax.set(xlabel="group score (summed over queries; > 0 helps)", ylabel="groups", title=title)
-    return _png(fig)
-
-
-def bar_chart_png(labels: Sequence[str], values: Sequence[float], title: str) -> bytes:
-    """Horizontal bars of chosen groups, green for helpful, red for harmful.
-
-    Args:
-        labels: Bar labels.
-        values: Scores.
-        title: Plot title.
-
-    Returns:
-        PNG bytes.
-    """
-    fig = _figure(6.4, max(3.0, 0.35 * len(values) + 1.2))
-    ax = fig.subplots()
-    pos = np.arange(len(values))[::-1]
-    ax.barh(pos, values, color=["#55A868" if v >= 0 else "#C44E52" for v in values])
-    ax.set_yticks(pos, labels)
-    ax.axvline(0.0, color="black", linewidth=1)
-    ax.set(xlabel="group score (> 0 helps the queries)", title=title)
-    return _png(fig)
-
-
-def curve_png(name: str, curve: Curve) -> bytes:
-    """Line plot of an evaluation curve (and its baseline).
-
-    Raises:
-        ValueError: Lengths differ, fewer than 2 points, or non-finite values.
-    """
-    x, y = np.asarray(curve.x, dtype=float), np.asarray(curve.y, dtype=float)
-    if x.shape != y.shape or x.ndim != 1 or len(x) < 2:
-        raise ValueError(f"Curve {name!r} needs x and y of the same length >= 2, got "
-                         f"{x.shape} and {y.shape}.")
-    if not (np.isfinite(x).all() and np.isfinite(y).all()):
-        raise ValueError(f"Curve {name!r} has NaN/Inf values.")
-    fig = _figure()
-    ax = fig.subplots()
-    ax.plot(x, y, marker="o" if len(x) <= 30 else None, color="#4C72B0", label=name)
-    if curve.baseline is not None:
-        ax.plot(curve.baseline[0], curve.baseline[1], color="grey", linestyle="--",
-                label="baseline")
-    ax.set(xlabel=curve.xlabel, ylabel=curve.ylabel, title=name)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="best")
-    return _png(fig)
-
-
-def _slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_") or "curve"
-
-
-_MD_SPECIALS = "\\`*_[]|!#~$"
-_HTML = {"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;"}
-
-
-def _one_line(value: Any, max_chars: Optional[int] = None) -> str:
-    text = " ".join(str(value).split())
-    if max_chars is not None and len(text) > max_chars:
-        text = text[: max_chars - 1] + "…"
-    return text
-
-
-def md_text(value: Any, max_chars: Optional[int] = None) -> str:
-    """Escape a value for Markdown text (also inside a table cell): one line, HTML special
-    characters as entities, Markdown punctuation backslash-escaped.
-
-    Args:
-        value: Any value (``str()`` of it is used).
-        max_chars: Truncate to this many characters (with an ellipsis).
-
-    Returns:
-        Text that renders as itself: no link, image, emphasis, HTML tag or cell break.
-    """
-    out = []
-    for ch in _one_line(value, max_chars):
-        out.append("\\" + ch if ch in _MD_SPECIALS else _HTML.get(ch, ch))
-    return "".join(out)
-
-
-def md_code(value: Any, table: bool = False, max_chars: Optional[int] = 200) -> str:
-    """Render a value as one Markdown code span, delimiters included.
-
-    The delimiter is one backtick longer than the longest backtick run in the value, so the
-    value cannot close the span; code spans show HTML literally. In a table cell ``|`` is
-    escaped as GFM requires.
-
-    Args:
-        value: Any value (``str()`` of it is used).
-        table: The span sits in a table cell.
-        max_chars: Truncate to this many characters.
-
-    Returns:
-        The code span.
-    """
-    text = _one_line(value, max_chars)
-    if not text:
-        return "(empty)"
-    if table:
-        text = text.replace("|", "\\|")
-    run = max((len(m) for m in re.findall(r"`+", text)), default=0)
-    delim = "`" * (run + 1)
-    pad = " " if text.startswith("`") or text.endswith("`") else ""
-    return f"{delim}{pad}{text}{pad}{delim}"
-
-
-def _fence(text: str) -> str:
-    """A code fence longer than any backtick run in ``text``."""
-    run = max((len(m) for m in re.findall(r"`+", text)), default=0)
-    return "`" * max(3, run + 1)
-
-
-def _plot_text(value: Any) -> str:
-    """A plot label that matplotlib shows as itself (``$`` would start mathtext)."""
-    return _one_line(value, 80).replace("$", "\\$")
-
-
-def _cell(value: Any, max_chars: int) -> str:
-    return md_text(value, max_chars)
-
-
-def _fmt(value: float) -> str:
-    return f"{value:.4g}"
 
 
 def _model_info(model: Any, model_name: Optional[str]) -> tuple[str, str]:
@@ -378,7 +207,7 @@ def build_attribution_card(scores: GroupScores | SelfInfluence, train_dataset: D
     data_cls = DatasetCardData if card_type == "dataset" else ModelCardData
     card_data = data_cls(license=license, tags=tags, ggda=meta)
     config_json = json.dumps(cfg, indent=1, default=str, sort_keys=True)
-    context = dict(
+    context: dict[str, Any] = dict(
         pretty_name=md_text(pretty_name or f"GGDA attribution ({method}) of {name}", 300),
         method=md_text(method, 100), version=__version__, num_groups=scores.num_groups,
         num_queries=scores.num_queries, query_mode=scores.query_mode,
@@ -408,7 +237,7 @@ def build_attribution_card(scores: GroupScores | SelfInfluence, train_dataset: D
                                  f"{md_text(projection, 20)} "
                                  "dimensions; this adds noise that shrinks as the dimension "
                                  "grows.")
-    card_cls = DatasetCard if card_type == "dataset" else ModelCard
+    card_cls: Any = DatasetCard if card_type == "dataset" else ModelCard  # its data class above
     template = Path(template_path) if template_path is not None else default_template_path()
     card = card_cls.from_template(card_data, template_path=str(template), **context)
     return card, images
@@ -452,6 +281,15 @@ def write_attribution_card(output_dir: str | os.PathLike[str],
     return readme
 
 
-__all__ = ["Curve", "build_attribution_card", "default_template_path", "write_attribution_card",
-           "histogram_png", "bar_chart_png", "curve_png", "md_code", "md_text",
-           "DEFAULT_LIMITS"]
+__all__ = [
+    "DEFAULT_LIMITS",
+    "Curve",
+    "bar_chart_png",
+    "build_attribution_card",
+    "curve_png",
+    "default_template_path",
+    "histogram_png",
+    "md_code",
+    "md_text",
+    "write_attribution_card",
+]

@@ -14,6 +14,8 @@ from typing import Any, Optional
 
 import numpy as np
 
+from .card_parts import _fmt, _plot_text, bar_chart_png, md_code, md_text
+
 TOKEN_CHART_FILE = "token_scores.png"
 MAX_TOKENS = 400
 
@@ -43,8 +45,6 @@ def token_section(tokens: Any, group_id: Optional[Any] = None, query_label: str 
         KeyError: ``group_id`` is not one of the scored groups.
         ValueError: The query has no target tokens.
     """
-    from .cards import _fmt, _plot_text, bar_chart_png, md_code, md_text
-
     matrix = tokens.matrix.double().numpy()
     if matrix.shape[0] == 0:
         raise ValueError("The query has no target tokens to show.")

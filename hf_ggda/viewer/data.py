@@ -261,7 +261,7 @@ class RunView:
         Raises:
             RunFolderError: No group chosen, or the output is inside the run folder.
         """
-        from ..integrations.hub import save_dataset_atomic
+        from ..atomic import save_dataset_atomic
 
         out = Path(output).resolve()
         if not groups:

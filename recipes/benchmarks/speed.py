@@ -132,7 +132,7 @@ def _group_pass_seconds(rows: int, batch_size: int, k: int) -> float:
 
     from hf_ggda.data import load_bbc_news, load_minilm_classifier
     from hf_ggda.gradients import EngineConfig, GradientEngine
-    from hf_ggda.integrations.distributed import barrier, rank_and_world
+    from hf_ggda.distributed import barrier, rank_and_world
     from hf_ggda.tasks import SequenceClassificationTask
 
     hf_logging.disable_progress_bar()
