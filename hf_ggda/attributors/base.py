@@ -38,8 +38,8 @@ from .. import SIGN_CONVENTION
 from ..alignment import group_signature, rows_signature
 from ..config import ConfigMixin
 from ..curvature import CurvatureContext, Preconditioner
-from ..errors import (GroupingError, MissingColumnError, NonFiniteScoresError, NotFittedError,
-                      TokenizationMismatchError)
+from ..errors import (ConfigError, GroupingError, MissingColumnError, NonFiniteScoresError,
+                      NotFittedError, TokenizationMismatchError)
 from ..fingerprint import hash_json
 from ..gradients.engine import EngineConfig, GradientEngine, GroupGradients, RowFn, plan_groups
 from ..gradients.taps import PassTap
@@ -127,16 +127,17 @@ class AttributorConfig(ConfigMixin):
         looked up from ``attributor_type`` in the registry.
 
         Raises:
-            ValueError: Unknown attributor type or unknown keys.
+            ConfigError: (a ``ValueError``) Unknown attributor type or unknown keys.
         """
         target: type[AttributorConfig] = cls
         if cls is AttributorConfig:
             from .registry import ATTRIBUTOR_TYPE_TO_CONFIG_MAPPING
 
-            kind = data.get("attributor_type", "")
-            if kind not in ATTRIBUTOR_TYPE_TO_CONFIG_MAPPING:
-                raise ValueError(f"Unknown attributor_type {kind!r}; registered: "
-                                 f"{sorted(ATTRIBUTOR_TYPE_TO_CONFIG_MAPPING)}.")
+            kind = data.get("attributor_type", "") if isinstance(data, Mapping) else ""
+            if not isinstance(kind, str) or kind not in ATTRIBUTOR_TYPE_TO_CONFIG_MAPPING:
+                raise ConfigError(f"Unknown attributor_type {kind!r:.80}; registered: "
+                                  f"{sorted(ATTRIBUTOR_TYPE_TO_CONFIG_MAPPING)}. Pass one of "
+                                  "them.")
             target = ATTRIBUTOR_TYPE_TO_CONFIG_MAPPING[kind]
         return super(AttributorConfig, target).from_dict(dict(data))  # type: ignore[misc]
 

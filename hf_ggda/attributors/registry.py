@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Mapping, Union
 
+from ..errors import ConfigError
 from .base import AttributorConfig
 
 if TYPE_CHECKING:
@@ -56,7 +57,7 @@ def get_attributor_config(config: Union[str, Mapping[str, Any]], **overrides: An
         The config.
 
     Raises:
-        ValueError: Unknown method or fields.
+        ConfigError: (a ``ValueError``) Unknown method or fields.
     """
     data = {"attributor_type": config} if isinstance(config, str) else dict(config)
     data.update(overrides)
@@ -78,12 +79,12 @@ def get_attributor(model: Any, task: Any,
         The (unfitted) attributor.
 
     Raises:
-        ValueError: Unknown method.
+        ConfigError: (a ``ValueError``) Unknown method.
     """
     if not isinstance(config, AttributorConfig):
         config = get_attributor_config(config)
     cls = ATTRIBUTOR_TYPE_TO_ATTRIBUTOR_MAPPING.get(config.attributor_type)
     if cls is None:
-        raise ValueError(f"Unknown attributor_type {config.attributor_type!r}; registered: "
-                         f"{sorted(ATTRIBUTOR_TYPE_TO_ATTRIBUTOR_MAPPING)}.")
+        raise ConfigError(f"Unknown attributor_type {config.attributor_type!r}; registered: "
+                          f"{sorted(ATTRIBUTOR_TYPE_TO_ATTRIBUTOR_MAPPING)}.")
     return cls(model, task, config, **kwargs)

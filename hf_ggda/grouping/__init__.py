@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import Any, Optional
 
+from ..errors import ConfigError
 from .base import (Assignment, Grouper, GrouperConfig, GroupingReport, model_weights_hash,
                    write_group_column)
 from .clustering import ClusterResult, capped_assign, canonical_labels, fit_kmeans
@@ -47,18 +48,19 @@ def get_grouper(name: str, config: Optional[GrouperConfig] = None, **kwargs: Any
         The grouper.
 
     Raises:
-        ValueError: Unknown name or unknown setting (the message lists the valid ones).
+        ConfigError: (a ``ValueError``) Unknown name or unknown setting (the message lists
+            the valid ones).
         GroupingError: An invalid K.
     """
     key = name.strip().lower().replace("_", "-")
     if key not in GROUPERS:
-        raise ValueError(f"Unknown grouper {name!r}; choose one of {sorted(GROUPERS)}.")
+        raise ConfigError(f"Unknown grouper {name!r}; choose one of {sorted(GROUPERS)}.")
     cls = GROUPERS[key]
     valid = {f.name for f in fields(cls.config_class)}
     unknown = sorted(set(kwargs) - valid)
     if unknown:
-        raise ValueError(f"Unknown settings {unknown} for grouper {key!r}; valid settings: "
-                         f"{sorted(valid)}.")
+        raise ConfigError(f"Unknown settings {unknown} for grouper {key!r}; valid settings: "
+                          f"{sorted(valid)}. Fix the spelling or remove the setting.")
     return cls(config, **kwargs)
 
 
