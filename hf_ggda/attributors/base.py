@@ -38,8 +38,8 @@ from .. import SIGN_CONVENTION
 from ..alignment import group_signature, rows_signature
 from ..config import ConfigMixin
 from ..curvature import CurvatureContext, Preconditioner
-from ..errors import (ConfigError, GroupingError, MissingColumnError, NonFiniteScoresError,
-                      NotFittedError, TokenizationMismatchError)
+from ..errors import (ConfigError, GroupingError, MissingColumnError, NotFittedError,
+                      TokenizationMismatchError)
 from ..fingerprint import hash_json
 from ..gradients.engine import EngineConfig, GradientEngine, GroupGradients, RowFn, plan_groups
 from ..gradients.taps import PassTap
@@ -52,6 +52,7 @@ from ..curvature.mix import CurvatureData, resolve_curvature_dataset
 from .drilldown import SelfAndDrillMixin
 from .model_state import check_model_unchanged
 from .normalise import check_normalize, normalise_rows, row_weights
+from .scoring import check_finite_scores
 
 if TYPE_CHECKING:
     from ..grouping.base import Grouper
@@ -541,12 +542,8 @@ class Attributor(SelfAndDrillMixin, ABC):
             term = comp.weight * (q @ t.T)
             total = term if total is None else total + term
         assert total is not None
-        bad = ~torch.isfinite(total)
-        if bool(bad.any()):
-            ids = list(columns) if columns is not None else self.group_ids
-            rows = (torch.nonzero(bad.any(1)).flatten() + first_row).tolist()
-            groups = [ids[int(k)] for k in torch.nonzero(bad.any(0)).flatten()]
-            raise NonFiniteScoresError(rows, groups, str(total.dtype).replace("torch.", ""))
+        check_finite_scores(total, first_row,
+                            list(columns) if columns is not None else self.group_ids)
         return total
 
     def score(self, query_dataset: Dataset, aggregate: Optional[str] = None,
