@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 
 import pytest
 import torch
@@ -14,15 +15,19 @@ from datasets import Dataset, load_from_disk
 from hf_ggda.attributors import InfluenceConfig, InfluenceFunction
 from hf_ggda.errors import (
     GroupingError,
+    ModelNotLearnedError,
+    ModelNotLearnedWarning,
     NonFiniteError,
     NonFiniteScoresError,
     OutputPathError,
     RowAlignmentError,
 )
 from hf_ggda.grouping import get_grouper
+from hf_ggda.integrations.cards import write_attribution_card
 from hf_ggda.integrations.hub import OUTPUT_MARKER, save_dataset_atomic
 from hf_ggda.scores import GroupScores
 from hf_ggda.testing import toy_dataset
+from hf_ggda.training import finetune
 
 from .conftest import make_setup
 from .test_store import _snapshot
@@ -235,3 +240,36 @@ def test_group_columns_on_rows_grouped_differently_raise(fitted):
         assert sorted(zip(shuffled["text"], shuffled[key])) == sorted(zip(plain["text"],
                                                                           plain[key]))
         assert len(result.to_dataset_columns(train.select(range(5)))) == 5  # subsets by id
+
+
+# -- a model that has not learned -----------------------------------------------------------------
+def test_untrained_classifier_warns_strict_refuses_and_the_card_says_so(tmp_path):
+    model, task = make_setup("bert", ("classifier",))  # random head: one predicted class
+    train = toy_dataset(12).add_column("group_id", [0, 1, 2] * 4)
+    with pytest.raises(ModelNotLearnedError) as info:
+        InfluenceFunction(model, task, InfluenceConfig(strict=True)).fit(
+            train, store=str(tmp_path / "store"))
+    message = str(info.value)
+    assert "has not learned" in message and "majority-class rate" in message
+    assert "Train it further" in message and "strict=False" in message
+    assert os.listdir(tmp_path) == []  # refused before any pass or store
+    with pytest.warns(ModelNotLearnedWarning, match="label entropy"):
+        attributor = InfluenceFunction(model, task, InfluenceConfig()).fit(train)
+    scores = attributor.score(toy_dataset(2, seed=4))
+    check = scores.config["model_check"]
+    assert check["learned"] is False and check["predicted_classes"] == 1
+    readme = write_attribution_card(tmp_path / "card", scores, train).read_text()
+    assert "had not learned its task" in readme and "Train it further" in readme
+
+
+def test_trained_classifier_passes_the_check_silently(tmp_path):
+    model, task = make_setup("bert", ("classifier",))
+    rows = toy_dataset(12)
+    finetune(model, task, rows, steps=60, batch_size=12, lr=3e-2, desc=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ModelNotLearnedWarning)
+        attributor = InfluenceFunction(model, task, InfluenceConfig(strict=True)).fit(
+            rows.add_column("group_id", [0, 1, 2] * 4))
+    check = attributor.score(toy_dataset(2, seed=4)).config["model_check"]
+    assert check["learned"] is True and check["accuracy"] > check["majority_rate"]
+    assert check["mean_loss"] < check["label_entropy"]

@@ -76,7 +76,7 @@ def score_in_chunks(attributor: "Attributor", queries: Dataset, chunk: int,
             values, index = torch.topk(block, min(top_k, block.shape[1]), dim=1)
             rows_best.append((values, index))
         del vectors
-    config = {**attributor.config.to_dict(), "selection_resolved": attributor.selection.how}
+    config = attributor.result_config()
     ids = list(range(len(queries)))
     if top_k is not None:
         values = torch.cat([v for v, _ in rows_best]) if rows_best else torch.zeros(0, top_k)

@@ -397,6 +397,10 @@ def build_attribution_card(scores: GroupScores | SelfInfluence, train_dataset: D
         histogram_file=HISTOGRAM_FILE, bar_chart_file=BAR_CHART_FILE,
         top_groups=describe(top), bottom_groups=describe(bottom), curves=curve_items,
         limits=list(DEFAULT_LIMITS) + list(limits), self_influence=self_mode)
+    not_learned = _not_learned(cfg.get("model_check"))
+    context["not_learned"] = not_learned
+    if not_learned:
+        context["limits"].insert(0, not_learned)
     if projection:
         context["limits"].append(f"Gradients were randomly projected to "
                                  f"{md_text(projection, 20)} "
@@ -406,6 +410,22 @@ def build_attribution_card(scores: GroupScores | SelfInfluence, train_dataset: D
     template = Path(template_path) if template_path is not None else default_template_path()
     card = card_cls.from_template(card_data, template_path=str(template), **context)
     return card, images
+
+
+def _not_learned(check: Any) -> str:
+    """The card's warning for a classifier that had not learned (escaped), else ``""``.
+
+    ``check`` is the ``model_check`` of a scores file (untrusted): anything but a well-formed
+    failed check gives no warning.
+    """
+    from ..learning_check import LearningCheck
+
+    if not isinstance(check, dict) or check.get("learned") is not False:
+        return ""
+    try:
+        return md_text(LearningCheck(**check).message(), 800)
+    except (TypeError, ValueError):
+        return ""
 
 
 def write_attribution_card(output_dir: str | os.PathLike[str],
