@@ -17,7 +17,7 @@ import torch
 from datasets import Dataset
 
 from ..config import ConfigMixin
-from ..errors import GroupingError, MissingColumnError, NonFiniteError
+from ..errors import GroupingError, MissingColumnError, ModelStateError, NonFiniteError
 from ..integrations.distributed import all_reduce_sum, barrier, rank_and_world
 from ..fingerprint import hash_array, hash_json, hash_model, request_fingerprint
 from ..logging import get_logger, progress
@@ -386,7 +386,7 @@ class GradientEngine:
             msg = ("The model is in train mode; dropout would make gradients random. "
                    "Switching to eval() for attribution.")
             if self.config.strict:
-                raise RuntimeError(msg + " (strict mode: call model.eval() first)")
+                raise ModelStateError(msg + " (strict mode: call model.eval() first)")
             logger.info(msg)
         self.model.eval()
         try:
