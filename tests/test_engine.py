@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from hf_ggda.errors import EmptyDatasetError, MissingColumnError, ModelStateError, NonFiniteError
+from hf_ggda.errors import (
+    EmptyDatasetError,
+    MissingColumnError,
+    ModelStateError,
+    NonFiniteError,
+)
 from hf_ggda.gradients import EngineConfig, GradientEngine, RandomProjector
 from hf_ggda.testing import toy_dataset
 
