@@ -216,15 +216,31 @@ def _file_options(path: Optional[str], classes: Iterable[type]) -> dict[str, Any
     return data
 
 
-def _check_outputs(outputs: Sequence[Path], inputs: Sequence[Optional[str]]) -> None:
+def _check_outputs(outputs: Sequence[Path], inputs: Sequence[Optional[str]],
+                   files: Sequence[Path] = (), datasets: Sequence[Path] = ()) -> None:
     """Refuse output paths that are (or lie under) files, or whose writing would replace an
-    input (e.g. re-scoring a run in place: ``--train run/train --output run``).
+    input (e.g. re-scoring a run in place: ``--train run/train --output run``), before any
+    computation.
+
+    Args:
+        outputs: Output folders (that may exist).
+        inputs: Input paths given on the command line (None: not given).
+        files: Output files (an existing file is replaced; a folder there is refused).
+        datasets: Dataset folders written by ``save_dataset_atomic``: only an empty one, or
+            one an earlier hf_ggda run wrote, may already exist.
 
     Raises:
         OutputPathError: With the fix (another output folder).
     """
-    for out in outputs:
+    from .integrations.hub import check_replaceable
+
+    for out in [*outputs, *files, *datasets]:
         for parent in [out, *out.parents]:
+            if parent == out and out in files:
+                if out.is_dir():
+                    raise OutputPathError(f"The output file {str(out)!r} is a folder; move it "
+                                          "away or pass another --output folder.")
+                continue
             if parent.exists() and not parent.is_dir():
                 where = "is" if parent == out else f"lies under {str(parent)!r}, which is"
                 raise OutputPathError(f"The output path {str(out)!r} {where} a file, not a "
@@ -238,6 +254,8 @@ def _check_outputs(outputs: Sequence[Path], inputs: Sequence[Optional[str]]) -> 
                 raise OutputPathError(
                     f"Writing {str(out)!r} would replace the input {given!r} while it is "
                     "read (re-scoring a run in place?); pass another --output folder.")
+    for folder in datasets:
+        check_replaceable(folder)
 
 
 def _raised_here(err: BaseException) -> bool:
@@ -314,17 +332,18 @@ def _load(args: argparse.Namespace, base: dict[str, Any]) -> tuple[Any, Any]:
 def _attribute(args: argparse.Namespace, with_queries: bool) -> None:
     from .attributors import ATTRIBUTOR_TYPE_TO_CONFIG_MAPPING, get_attributor
     from .integrations.distributed import barrier, rank_and_world
+    from .integrations.hub import save_dataset_atomic
     from .logging import get_logger
 
     cfg_cls = ATTRIBUTOR_TYPE_TO_CONFIG_MAPPING[args.method]
     base = _file_options(args.config, [TaskArgs, cfg_cls])
     config = cfg_cls.from_args(args, {"attributor_type": args.method, **base}, prefix="m_")
     out = Path(args.output)
-    written = [out / "train", out / ("scores" if with_queries else "self_influence"),
-               out / "queries", out / "ggda_config.json"]
     query_path = args.queries if with_queries else None
-    _check_outputs(written, [args.train, query_path, args.store, args.model, args.adapter,
-                             args.config])
+    _check_outputs([out / ("scores" if with_queries else "self_influence")],
+                   [args.train, query_path, args.store, args.model, args.adapter, args.config],
+                   files=[out / "ggda_config.json"],
+                   datasets=[out / "train", *([out / "queries"] if with_queries else [])])
     model, task = _load(args, base)
     train = _read_data(args.train, "--train")
     queries = _read_data(args.queries, "--queries") if with_queries else None
@@ -345,8 +364,8 @@ def _attribute(args: argparse.Namespace, with_queries: bool) -> None:
     train_out = result.to_dataset_columns(train, group_column=args.group_column)
     if rank == 0:  # one writer; every process computed the same scores
         if with_queries:
-            result.to_query_columns(queries, k=args.top_k).save_to_disk(str(out / "queries"))
-        train_out.save_to_disk(str(out / "train"))
+            save_dataset_atomic(result.to_query_columns(queries, k=args.top_k), out / "queries")
+        save_dataset_atomic(train_out, out / "train")
         result.save_pretrained(str(out / ("scores" if with_queries else "self_influence")))
         config.save_pretrained(str(out))
     barrier()
@@ -363,13 +382,15 @@ def _group(args: argparse.Namespace) -> None:
 
     import numpy as np
     from .integrations.distributed import barrier, rank_and_world
+    from .integrations.hub import save_dataset_atomic
 
     config_class = GROUPERS[args.grouper].config_class
     with_model = bool(getattr(args, "model", None))
     base = _file_options(args.config, [config_class] + ([TaskArgs] if with_model else []))
     config = config_class.from_args(args, base, prefix="g_")
-    _check_outputs([Path(args.output)], [args.data, getattr(args, "model", None),
-                                         getattr(args, "adapter", None), args.config])
+    _check_outputs([], [args.data, getattr(args, "model", None),
+                        getattr(args, "adapter", None), args.config],
+                   datasets=[Path(args.output)])
     data = _read_data(args.data, "--data")
     model = task = None
     if with_model:
@@ -378,7 +399,7 @@ def _group(args: argparse.Namespace) -> None:
     grouper = get_grouper(args.grouper, config=config)
     grouped = grouper.assign(data, model=model, task=task)
     if rank_and_world()[0] == 0:
-        grouped.save_to_disk(args.output)
+        save_dataset_atomic(grouped, Path(args.output))
     barrier()
     report = grouper.describe()
     if rank_and_world()[0] == 0:
@@ -418,7 +439,8 @@ def _prune(args: argparse.Namespace) -> None:
     from .store import atomic_write_bytes
 
     out = Path(args.output)
-    _check_outputs([out / "kept", out / "dropped", out / "pruning.json"], [args.run])
+    _check_outputs([], [args.run], files=[out / "pruning.json"],
+                   datasets=[out / "kept", out / "dropped"])
     train, scores = _load_run(args.run)
     res = prune_dataset(train, scores, args.fraction, args.rank, args.balance_column)
     save_dataset_atomic(res.kept, out / "kept")
@@ -437,7 +459,7 @@ def _prune(args: argparse.Namespace) -> None:
 def _card(args: argparse.Namespace) -> None:
     from .integrations.cards import write_attribution_card
 
-    _check_outputs([Path(args.output) / "README.md"], [args.run])
+    _check_outputs([], [args.run], files=[Path(args.output) / "README.md"])
     train, scores = _load_run(args.run)
     queries = Path(args.run) / "queries"
     readme = write_attribution_card(

@@ -13,6 +13,7 @@ import torch
 from datasets import Dataset, load_from_disk
 
 from hf_ggda.attributors import InfluenceConfig, InfluenceFunction
+from hf_ggda.cli import main
 from hf_ggda.errors import (
     GroupingError,
     ModelNotLearnedError,
@@ -30,6 +31,7 @@ from hf_ggda.testing import toy_dataset
 from hf_ggda.training import finetune
 
 from .conftest import make_setup
+from .test_cli import saved_model  # noqa: F401 (fixture)
 from .test_store import _snapshot
 
 
@@ -273,3 +275,39 @@ def test_trained_classifier_passes_the_check_silently(tmp_path):
     check = attributor.score(toy_dataset(2, seed=4)).config["model_check"]
     assert check["learned"] is True and check["accuracy"] > check["majority_rate"]
     assert check["mean_loss"] < check["label_entropy"]
+
+
+# -- CLI outputs: reruns replace their own output, never a user's folder ---------------------------
+def _attribute_argv(d, out):
+    return ["attribute", "influence", "--model", str(d / "base"), "--adapter", str(d / "adapter"),
+            "--train", str(d / "train"), "--queries", str(d / "queries.jsonl"), "--output",
+            str(out), "--max-length", "16", "--group-column", "label"]
+
+
+def test_cli_rerun_into_its_own_output_replaces_it(saved_model):  # noqa: F811
+    d = saved_model
+    assert main(_attribute_argv(d, d / "run")) == 0
+    assert main(_attribute_argv(d, d / "run")) == 0  # once refused: "ggda_config.json is a file"
+    prune = ["prune", "--run", str(d / "run"), "--fraction", "0.2", "--output", str(d / "p")]
+    assert main(prune) == 0 and main(prune) == 0
+    assert (d / "run" / "train" / OUTPUT_MARKER).is_file()
+    assert len(load_from_disk(str(d / "run" / "train"))) == 30
+
+
+def test_cli_output_folder_holding_user_files_is_refused_before_any_pass(saved_model,  # noqa: F811
+                                                                        capsys):
+    d = saved_model
+    (d / "run" / "train").mkdir(parents=True)
+    (d / "run" / "train" / "mine.csv").write_text("a,b\n")
+    (d / "run" / "ggda_config.json").mkdir()  # a folder where the config file goes
+    before = _snapshot(d / "run")
+    assert main(_attribute_argv(d, d / "run")) == 2
+    err = capsys.readouterr().err
+    assert "hf-ggda: error:" in err and "Traceback" not in err
+    assert "is a folder" in err and "another --output folder" in err
+    (d / "run" / "ggda_config.json").rmdir()
+    assert main(_attribute_argv(d, d / "run")) == 2
+    err = capsys.readouterr().err
+    assert "mine.csv" in err and "never deletes" in err
+    before.pop("ggda_config.json")
+    assert _snapshot(d / "run") == before  # nothing written, the user's file kept

@@ -34,7 +34,7 @@ OUTPUT_MARKER = ".hf_ggda_output"
 _CARD_SUFFIXES = (".png", ".jpg", ".jpeg", ".svg")
 
 
-def _check_replaceable(target: Path) -> None:
+def check_replaceable(target: Path) -> None:
     """Refuse to replace anything at ``target`` that hf_ggda did not write.
 
     Raises:
@@ -79,14 +79,14 @@ def save_dataset_atomic(dataset: Dataset, path: str | os.PathLike[str]) -> Path:
         OSError: The folder cannot be written; a previous folder at ``path`` is kept.
     """
     target = Path(path)
-    _check_replaceable(target)
+    check_replaceable(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
     try:
         dataset.save_to_disk(str(tmp))
         (tmp / OUTPUT_MARKER).write_text("Saved by hf_ggda (save_dataset_atomic); a later save "
                                          "may replace this folder.\n")
-        _check_replaceable(target)  # again: another process may have put files there
+        check_replaceable(target)  # again: another process may have put files there
         old = None
         if target.exists():
             old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
