@@ -16,7 +16,8 @@ from datasets import Dataset
 from datasets.fingerprint import Hasher
 
 from .chat import check_chat_tokenizer, encode_chat_rows
-from .errors import ColumnTypeError, EmptyDatasetError, MissingColumnError
+from .errors import (ColumnTypeError, ConfigError, EmptyDatasetError, LabelError,
+                     MissingColumnError, ModelStateError)
 from .fingerprint import hash_json
 from .logging import get_logger
 from .validation import (check_class_ids, check_inputs_fit_model, check_labels_fit_head,
@@ -71,7 +72,7 @@ def find_head(model: torch.nn.Module) -> torch.nn.Module:
         The module whose input is the penultimate representation.
 
     Raises:
-        ValueError: No output layer could be found.
+        ModelStateError: No output layer could be found.
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     for name in ("classifier", "score"):
@@ -83,7 +84,7 @@ def find_head(model: torch.nn.Module) -> torch.nn.Module:
             return linears[-1]
     if hasattr(base, "get_output_embeddings") and base.get_output_embeddings() is not None:
         return base.get_output_embeddings()
-    raise ValueError(
+    raise ModelStateError(
         f"Cannot find the output layer of {type(base).__name__}: expected an attribute "
         "'classifier', 'score' or output embeddings. Subclass the task and override "
         "`output_gradient`."
@@ -187,13 +188,13 @@ class _TokenizerTask(AttributionTask):
 
     def __init__(self, tokenizer: Any, text_column: str, max_length: int) -> None:
         if max_length < 1:
-            raise ValueError(f"max_length must be >= 1, got {max_length}.")
+            raise ConfigError(f"max_length must be >= 1, got {max_length}.")
         self.tokenizer = tokenizer
         self.text_column = text_column
         self.max_length = max_length
         if tokenizer.pad_token is None:
             if tokenizer.eos_token is None:
-                raise ValueError("The tokenizer has neither a pad nor an eos token; set one.")
+                raise ConfigError("The tokenizer has neither a pad nor an eos token; set one.")
             logger.info("Tokenizer has no pad token; using its eos token for padding.")
             tokenizer.pad_token = tokenizer.eos_token
         self._tok_hash = Hasher.hash(tokenizer)
@@ -368,7 +369,7 @@ class CausalLMTask(_TokenizerTask):
         messages_column: Column of chat ``messages`` (role/content dicts).
 
     Raises:
-        ValueError: Bad reduction or column combination.
+        ConfigError: (a ``ValueError``) Bad reduction or column combination.
         ChatFormatError: Chat rows with a tokenizer that has no chat template.
     """
 
@@ -384,11 +385,11 @@ class CausalLMTask(_TokenizerTask):
     ) -> None:
         super().__init__(tokenizer, text_column, max_length)
         if reduction not in ("mean", "sum"):
-            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}.")
+            raise ConfigError(f"reduction must be 'mean' or 'sum', got {reduction!r}.")
         if (prompt_column is None) != (response_column is None):
-            raise ValueError("Pass both prompt_column and response_column, or neither.")
+            raise ConfigError("Pass both prompt_column and response_column, or neither.")
         if messages_column is not None and prompt_column is not None:
-            raise ValueError("Pass messages_column or prompt_column/response_column, not both.")
+            raise ConfigError("Pass messages_column or prompt_column/response_column, not both.")
         if messages_column is not None:
             check_chat_tokenizer(tokenizer)
         self.prompt_column = prompt_column
@@ -457,7 +458,7 @@ class CausalLMTask(_TokenizerTask):
         empty = [i for i, lab in enumerate(dataset["labels"])
                  if sum(1 for t in lab[1:] if t != -100) == 0]
         if empty:
-            raise ValueError(
+            raise LabelError(
                 f"Rows {empty[:20]} have no target tokens after truncation, so their loss is "
                 "undefined. Increase max_length, shorten the prompts, or drop these rows."
             )
