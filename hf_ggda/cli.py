@@ -254,6 +254,10 @@ def _check_outputs(outputs: Sequence[Path], inputs: Sequence[Optional[str]],
                 raise OutputPathError(
                     f"Writing {str(out)!r} would replace the input {given!r} while it is "
                     "read (re-scoring a run in place?); pass another --output folder.")
+            if source in target.parents and (source / "state.json").is_file():
+                raise OutputPathError(
+                    f"Writing {str(out)!r} would put outputs inside the input dataset folder "
+                    f"{given!r} (a save_to_disk folder); pass an --output folder outside it.")
     for folder in datasets:
         check_replaceable(folder)
 

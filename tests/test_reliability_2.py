@@ -311,3 +311,12 @@ def test_cli_output_folder_holding_user_files_is_refused_before_any_pass(saved_m
     assert "mine.csv" in err and "never deletes" in err
     before.pop("ggda_config.json")
     assert _snapshot(d / "run") == before  # nothing written, the user's file kept
+
+
+def test_cli_output_inside_an_input_dataset_folder_is_refused(saved_model, capsys):  # noqa: F811
+    d = saved_model
+    before = _snapshot(d / "train")
+    assert main(_attribute_argv(d, d / "train")) == 2  # would write train/train, train/scores
+    err = capsys.readouterr().err
+    assert "inside the input dataset folder" in err and "outside it" in err
+    assert _snapshot(d / "train") == before
