@@ -94,7 +94,8 @@ def check_model_learned(model: torch.nn.Module, task: AttributionTask, dataset: 
         return None
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.permutation(len(dataset))[:SAMPLE_ROWS]).tolist()
-    prepared = task.prepare(dataset.select(rows))
+    # in memory: the check writes no cache file beside a dataset loaded from disk
+    prepared = task.prepare(dataset.select(rows).flatten_indices(keep_in_memory=True))
     features = prepared.select_columns([c for c in task.feature_columns
                                         if c in prepared.column_names])
     labels = np.asarray(prepared["labels"])
