@@ -124,6 +124,16 @@ def check_positional_rows(fingerprints: Mapping[str, Any], train: Dataset,
             f"they would land on the wrong rows. {fix}")
 
 
+def _json_text(value: Any) -> str:
+    """Deterministic text of a cell (arrays in full: their ``str`` elides long ones)."""
+    def plain(v: Any) -> Any:
+        return v.tolist() if hasattr(v, "tolist") else v
+    value = plain(value)
+    if isinstance(value, list):
+        value = [plain(v) for v in value]
+    return json.dumps(value, sort_keys=True, default=str)
+
+
 def _row_hashes(dataset: Dataset, columns: Sequence[str]) -> np.ndarray:
     """(n,) uint64 hash of each row's values in ``columns`` (order-free over rows)."""
     import pandas as pd
@@ -131,7 +141,7 @@ def _row_hashes(dataset: Dataset, columns: Sequence[str]) -> np.ndarray:
     frame = dataset.select_columns(list(columns)).to_pandas()
     for col in frame.columns:  # lists, dicts, arrays, bytes: hashed through their JSON text
         if frame[col].dtype == object:
-            frame[col] = frame[col].map(lambda v: json.dumps(v, sort_keys=True, default=str))
+            frame[col] = frame[col].map(_json_text)
     return pd.util.hash_pandas_object(frame, index=False).to_numpy(dtype=np.uint64)
 
 

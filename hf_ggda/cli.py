@@ -138,10 +138,9 @@ def _attribute(args: argparse.Namespace, with_queries: bool) -> None:
     base = _file_options(args.config, [TaskArgs, cfg_cls])
     config = cfg_cls.from_args(args, {"attributor_type": args.method, **base}, prefix="m_")
     out = Path(args.output)
-    written = [out]
     query_path = args.queries if with_queries else None
-    _check_outputs(written, [args.train, query_path, args.store, args.model, args.adapter,
-                             args.config])
+    _check_outputs([out],  # the run folder: RunWriter replaces only an earlier run of ours
+                   [args.train, query_path, args.store, args.model, args.adapter, args.config])
     model, task = _load(args, base)
     train = _read_data(args.train, "--train")
     queries = _read_data(args.queries, "--queries") if with_queries else None
@@ -180,8 +179,9 @@ def _group(args: argparse.Namespace) -> None:
     with_model = bool(getattr(args, "model", None))
     base = _file_options(args.config, [config_class] + ([TaskArgs] if with_model else []))
     config = config_class.from_args(args, base, prefix="g_")
-    _check_outputs([Path(args.output)], [args.data, getattr(args, "model", None),
-                                         getattr(args, "adapter", None), args.config])
+    _check_outputs([], [args.data, getattr(args, "model", None),
+                        getattr(args, "adapter", None), args.config],
+                   datasets=[Path(args.output)])
     data = _read_data(args.data, "--data")
     model = task = None
     if with_model:

@@ -110,15 +110,31 @@ def _file_options(path: Optional[str], classes: Iterable[type]) -> dict[str, Any
     return data
 
 
-def _check_outputs(outputs: Sequence[Path], inputs: Sequence[Optional[str]]) -> None:
+def _check_outputs(outputs: Sequence[Path], inputs: Sequence[Optional[str]],
+                   files: Sequence[Path] = (), datasets: Sequence[Path] = ()) -> None:
     """Refuse output paths that are (or lie under) files, or whose writing would replace an
-    input (e.g. re-scoring a run in place: ``--train run/train --output run``).
+    input (e.g. re-scoring a run in place: ``--train run/train --output run``), before any
+    computation.
+
+    Args:
+        outputs: Output folders (that may exist).
+        inputs: Input paths given on the command line (None: not given).
+        files: Output files (an existing file is replaced; a folder there is refused).
+        datasets: Dataset folders written by ``save_dataset_atomic``: only an empty one, or
+            one an earlier hf_ggda run wrote, may already exist.
 
     Raises:
         OutputPathError: With the fix (another output folder).
     """
-    for out in outputs:
+    from .atomic import _check_replaceable as check_replaceable
+
+    for out in [*outputs, *files, *datasets]:
         for parent in [out, *out.parents]:
+            if parent == out and out in files:
+                if out.is_dir():
+                    raise OutputPathError(f"The output file {str(out)!r} is a folder; move it "
+                                          "away or pass another --output folder.")
+                continue
             if parent.exists() and not parent.is_dir():
                 where = "is" if parent == out else f"lies under {str(parent)!r}, which is"
                 raise OutputPathError(f"The output path {str(out)!r} {where} a file, not a "
@@ -132,6 +148,12 @@ def _check_outputs(outputs: Sequence[Path], inputs: Sequence[Optional[str]]) -> 
                 raise OutputPathError(
                     f"Writing {str(out)!r} would replace the input {given!r} while it is "
                     "read (re-scoring a run in place?); pass another --output folder.")
+            if source in target.parents and (source / "state.json").is_file():
+                raise OutputPathError(
+                    f"Writing {str(out)!r} would put outputs inside the input dataset folder "
+                    f"{given!r} (a save_to_disk folder); pass an --output folder outside it.")
+    for folder in datasets:
+        check_replaceable(folder)
 
 
 def _raised_here(err: BaseException) -> bool:

@@ -69,7 +69,8 @@ def run_sources(args: argparse.Namespace) -> None:
     out = Path(args.output)
     _check_outputs([out],
                    [args.train, args.store, args.model, args.adapter, args.config,
-                    *[p for _, p in args.evaluations]])
+                    *[p for _, p in args.evaluations]],
+                   files=[out / "ggda_config.json"], datasets=[out / "train"])
     model, task = _load(args, base)
     train = _read_data(args.train, "--train")
     evals = {n: _read_data(p, f"--eval {n}") for n, p in args.evaluations}

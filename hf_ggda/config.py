@@ -57,7 +57,19 @@ class _Mismatch(Exception):
 
 class ConfigMixin:
     """Adds typed assignment, ``to_dict``, ``save_pretrained``/``from_pretrained`` and argparse
-    support to a dataclass."""
+    support to a dataclass.
+
+    A subclass's own ``__post_init__`` range and choice checks may raise a plain
+    ``ValueError`` / ``TypeError``; it is re-raised as :class:`~hf_ggda.errors.ConfigError` /
+    :class:`~hf_ggda.errors.ConfigTypeError` (subclasses of those) naming the config class, so
+    every bad option surfaces as a typed hf_ggda error.
+    """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        post = cls.__dict__.get("__post_init__")
+        if post is not None and not getattr(post, "_ggda_typed", False):
+            cls.__post_init__ = _typed_post_init(post)  # type: ignore[attr-defined]
 
     def __setattr__(self, name: str, value: Any) -> None:
         """Check (and normalise) a field's value against its type hint before storing it.
@@ -183,6 +195,30 @@ class ConfigMixin:
                 values[f.name] = v
         names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
         return cls.from_dict({k: v for k, v in values.items() if k in names})
+
+
+def _typed_post_init(post: Any) -> Any:
+    """Wrap a ``__post_init__`` so its plain ValueError / TypeError become typed config errors.
+
+    Args:
+        post: The class's own ``__post_init__``.
+
+    Returns:
+        The wrapper (marked, so it is never wrapped twice).
+    """
+    @functools.wraps(post)
+    def checked(self: Any, *args: Any, **kwargs: Any) -> None:
+        try:
+            post(self, *args, **kwargs)
+        except GGDAError:
+            raise
+        except (ValueError, TypeError) as err:
+            kind = ConfigTypeError if isinstance(err, TypeError) else ConfigError
+            raise kind(f"Invalid {type(self).__name__}: {err} Change this option (the message "
+                       "names the allowed values) and retry.") from err
+
+    checked._ggda_typed = True  # type: ignore[attr-defined]
+    return checked
 
 
 def field_names(classes: Iterable[type]) -> list[str]:

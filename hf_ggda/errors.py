@@ -105,6 +105,16 @@ class NonFiniteScoresError(NonFiniteError):
             "scores were returned.")
 
 
+class ModelNotLearnedWarning(UserWarning):
+    """The attributed classifier predicts (nearly) a constant: its attributions rank nothing
+    better than chance-level signals."""
+
+
+class ModelNotLearnedError(GGDAError, RuntimeError):
+    """Strict mode: the attributed classifier has not learned (see
+    :class:`ModelNotLearnedWarning`)."""
+
+
 class NotFittedError(GGDAError, RuntimeError):
     """``score`` was called before ``fit``."""
 

@@ -252,8 +252,7 @@ def compute_self_influence(attributor: Any, drill_top: int = 0,
     ids = list(attributor.group_ids)
     state = attributor._require_fit()
     result = SelfInfluence(values=values, group_ids=ids, group_column=state.group_column,
-                           config={**attributor.config.to_dict(),
-                                   "selection_resolved": attributor.selection.how},
+                           config=attributor.result_config(),
                            fingerprints={"train": [p.fingerprint for p in state.parts],
                                          "train_groups": state.group_signature})
     chosen = list(group_ids) if group_ids is not None else \

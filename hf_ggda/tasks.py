@@ -16,7 +16,13 @@ from datasets import Dataset
 from datasets.fingerprint import Hasher
 
 from .chat import check_chat_tokenizer, encode_chat_rows
-from .errors import ColumnTypeError, EmptyDatasetError, MissingColumnError
+from .errors import (
+    ColumnTypeError,
+    ConfigError,
+    EmptyDatasetError,
+    LabelError,
+    MissingColumnError,
+)
 from .fingerprint import hash_json
 from .logging import get_logger
 from .params import find_head
@@ -165,13 +171,13 @@ class _TokenizerTask(AttributionTask):
 
     def __init__(self, tokenizer: Any, text_column: str, max_length: int) -> None:
         if max_length < 1:
-            raise ValueError(f"max_length must be >= 1, got {max_length}.")
+            raise ConfigError(f"max_length must be >= 1, got {max_length}.")
         self.tokenizer = tokenizer
         self.text_column = text_column
         self.max_length = max_length
         if tokenizer.pad_token is None:
             if tokenizer.eos_token is None:
-                raise ValueError("The tokenizer has neither a pad nor an eos token; set one.")
+                raise ConfigError("The tokenizer has neither a pad nor an eos token; set one.")
             logger.info("Tokenizer has no pad token; using its eos token for padding.")
             tokenizer.pad_token = tokenizer.eos_token
         self._tok_hash = Hasher.hash(tokenizer)
@@ -346,7 +352,7 @@ class CausalLMTask(_TokenizerTask):
         messages_column: Column of chat ``messages`` (role/content dicts).
 
     Raises:
-        ValueError: Bad reduction or column combination.
+        ConfigError: (a ``ValueError``) Bad reduction or column combination.
         ChatFormatError: Chat rows with a tokenizer that has no chat template.
     """
 
@@ -362,11 +368,11 @@ class CausalLMTask(_TokenizerTask):
     ) -> None:
         super().__init__(tokenizer, text_column, max_length)
         if reduction not in ("mean", "sum"):
-            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}.")
+            raise ConfigError(f"reduction must be 'mean' or 'sum', got {reduction!r}.")
         if (prompt_column is None) != (response_column is None):
-            raise ValueError("Pass both prompt_column and response_column, or neither.")
+            raise ConfigError("Pass both prompt_column and response_column, or neither.")
         if messages_column is not None and prompt_column is not None:
-            raise ValueError("Pass messages_column or prompt_column/response_column, not both.")
+            raise ConfigError("Pass messages_column or prompt_column/response_column, not both.")
         if messages_column is not None:
             check_chat_tokenizer(tokenizer)
         self.prompt_column = prompt_column
@@ -438,7 +444,7 @@ class CausalLMTask(_TokenizerTask):
         empty = [i for i, lab in enumerate(dataset["labels"])
                  if sum(1 for t in lab[1:] if t != -100) == 0]
         if empty:
-            raise ValueError(
+            raise LabelError(
                 f"Rows {empty[:20]} have no target tokens after truncation, so their loss is "
                 "undefined. Increase max_length, shorten the prompts, or drop these rows."
             )

@@ -13,6 +13,7 @@ located batch by batch only when a check fails (never the whole table in Python)
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
@@ -21,7 +22,14 @@ import pyarrow.compute as pc
 import torch
 from datasets import Dataset
 
-from .errors import DatasetTypeError, LabelError, ModelInputError, ModelStateError, NullValueError
+from .errors import (
+    DatasetTypeError,
+    GroupingError,
+    LabelError,
+    ModelInputError,
+    ModelStateError,
+    NullValueError,
+)
 
 _BATCH = 16384
 _SHOWN = 10
@@ -307,3 +315,43 @@ def _position_limit(model: torch.nn.Module) -> Optional[int]:
             pad = module.padding_idx
             return int(module.num_embeddings - (pad + 1 if pad is not None else 0))
     return None
+
+
+def check_group_values(values: Sequence[Any]) -> None:
+    """Refuse group ids that are no ids: nulls, NaN / Inf, and fractional floats.
+
+    Args:
+        values: One group id per row.
+
+    Raises:
+        GroupingError: With the rows and the fix.
+    """
+    nulls, non_finite, fractional = [], [], []
+    for i, v in enumerate(values):
+        if v is None:
+            nulls.append(i)
+        elif isinstance(v, (float, np.floating)):
+            if not math.isfinite(v):
+                non_finite.append(i)
+            elif not float(v).is_integer():
+                fractional.append(i)
+
+    def rows(found: list[int]) -> str:
+        return f"{found[:20]}{' ...' if len(found) > 20 else ''} ({len(found)} of {len(values)})"
+
+    if nulls:
+        raise GroupingError(f"Group column has nulls at rows {rows(nulls)}; every row needs a "
+                            "group. Fill them (e.g. with a 'unknown' group) or drop the rows.")
+    if non_finite:
+        raise GroupingError(
+            f"Group column has NaN or Inf at rows {rows(non_finite)}: NaN is a missing value, "
+            "not a group id (NaN != NaN), and Inf cannot be stored. Fill them with a real "
+            "group id (e.g. `dataset.map(lambda r: {'group_id': -1 if r['group_id'] != "
+            "r['group_id'] else r['group_id']})`) or drop the rows.")
+    if fractional:
+        example = values[fractional[0]]
+        raise GroupingError(
+            f"Group column has fractional float ids at rows {rows(fractional)} (e.g. "
+            f"{float(example)!r}): group ids must be integers or strings, and a store keeps "
+            "ids as integers, so 0.5 and 0.7 would collide. Cast the column, e.g. "
+            "`dataset.map(lambda r: {'group_id': str(r['group_id'])})`.")

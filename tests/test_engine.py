@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from hf_ggda.errors import EmptyDatasetError, MissingColumnError, NonFiniteError
+from hf_ggda.errors import (
+    EmptyDatasetError,
+    MissingColumnError,
+    ModelStateError,
+    NonFiniteError,
+)
 from hf_ggda.gradients import EngineConfig, GradientEngine, RandomProjector
 from hf_ggda.testing import toy_dataset
 
@@ -127,8 +132,9 @@ def test_train_mode_is_switched_to_eval_and_restored(bert_setup):
     b = GradientEngine(model, task).group_gradients(ds).gradients
     torch.testing.assert_close(a, b, rtol=0, atol=0)  # dropout off: deterministic
     assert model.training
-    with pytest.raises(RuntimeError, match="train mode"):
+    with pytest.raises(ModelStateError, match="train mode") as info:  # typed, a RuntimeError
         GradientEngine(model, task, config=EngineConfig(strict=True)).group_gradients(ds)
+    assert isinstance(info.value, RuntimeError) and "call model.eval() first" in str(info.value)
 
 
 def test_bad_inputs_raise_clear_errors(bert_setup):

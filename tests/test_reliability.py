@@ -16,12 +16,22 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hf_ggda.attributors import InfluenceConfig, InfluenceFunction
-from hf_ggda.errors import (ColumnTypeError, EmptyDatasetError, GroupingError,
-                            ManifestError, MissingColumnError, ModelChangedError,
-                            NoParametersError,
-                            NonFiniteError, NotFittedError, PartialSelectionWarning,
-                            StoreMismatchError, StoreNotFoundError, StorePathError,
-                            TokenizationMismatchError)
+from hf_ggda.errors import (
+    ColumnTypeError,
+    EmptyDatasetError,
+    GroupingError,
+    ManifestError,
+    MissingColumnError,
+    ModelChangedError,
+    NonFiniteError,
+    NoParametersError,
+    NotFittedError,
+    PartialSelectionWarning,
+    StoreMismatchError,
+    StoreNotFoundError,
+    StorePathError,
+    TokenizationMismatchError,
+)
 from hf_ggda.fingerprint import hash_model, hash_tensors
 from hf_ggda.gradients import EngineConfig, GradientEngine
 from hf_ggda.grouping import get_grouper

@@ -6,25 +6,32 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 
 import pytest
 import torch
 from datasets import Dataset, load_from_disk
 
 from hf_ggda.attributors import InfluenceConfig, InfluenceFunction
+from hf_ggda.cli import main
 from hf_ggda.errors import (
     GroupingError,
+    ModelNotLearnedError,
+    ModelNotLearnedWarning,
     NonFiniteError,
     NonFiniteScoresError,
     OutputPathError,
     RowAlignmentError,
 )
 from hf_ggda.grouping import get_grouper
+from hf_ggda.integrations.cards import write_attribution_card
 from hf_ggda.integrations.hub import OUTPUT_MARKER, save_dataset_atomic
 from hf_ggda.scores import GroupScores
 from hf_ggda.testing import toy_dataset
+from hf_ggda.training import finetune
 
 from .conftest import make_setup
+from .test_cli import saved_model  # noqa: F401 (fixture)
 from .test_store import _snapshot
 
 
@@ -235,3 +242,81 @@ def test_group_columns_on_rows_grouped_differently_raise(fitted):
         assert sorted(zip(shuffled["text"], shuffled[key])) == sorted(zip(plain["text"],
                                                                           plain[key]))
         assert len(result.to_dataset_columns(train.select(range(5)))) == 5  # subsets by id
+
+
+# -- a model that has not learned -----------------------------------------------------------------
+def test_untrained_classifier_warns_strict_refuses_and_the_card_says_so(tmp_path):
+    model, task = make_setup("bert", ("classifier",))  # random head: one predicted class
+    train = toy_dataset(12).add_column("group_id", [0, 1, 2] * 4)
+    with pytest.raises(ModelNotLearnedError) as info:
+        InfluenceFunction(model, task, InfluenceConfig(strict=True)).fit(
+            train, store=str(tmp_path / "store"))
+    message = str(info.value)
+    assert "has not learned" in message and "majority-class rate" in message
+    assert "Train it further" in message and "strict=False" in message
+    assert os.listdir(tmp_path) == []  # refused before any pass or store
+    with pytest.warns(ModelNotLearnedWarning, match="label entropy"):
+        attributor = InfluenceFunction(model, task, InfluenceConfig()).fit(train)
+    scores = attributor.score(toy_dataset(2, seed=4))
+    check = scores.config["model_check"]
+    assert check["learned"] is False and check["predicted_classes"] == 1
+    readme = write_attribution_card(tmp_path / "card", scores, train).read_text()
+    assert "had not learned its task" in readme and "Train it further" in readme
+
+
+def test_trained_classifier_passes_the_check_silently(tmp_path):
+    model, task = make_setup("bert", ("classifier",))
+    rows = toy_dataset(12)
+    finetune(model, task, rows, steps=60, batch_size=12, lr=3e-2, desc=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ModelNotLearnedWarning)
+        attributor = InfluenceFunction(model, task, InfluenceConfig(strict=True)).fit(
+            rows.add_column("group_id", [0, 1, 2] * 4))
+    check = attributor.score(toy_dataset(2, seed=4)).config["model_check"]
+    assert check["learned"] is True and check["accuracy"] > check["majority_rate"]
+    assert check["mean_loss"] < check["label_entropy"]
+
+
+# -- CLI outputs: reruns replace their own output, never a user's folder ---------------------------
+def _attribute_argv(d, out):
+    return ["attribute", "influence", "--model", str(d / "base"), "--adapter", str(d / "adapter"),
+            "--train", str(d / "train"), "--queries", str(d / "queries.jsonl"), "--output",
+            str(out), "--max-length", "16", "--group-column", "label"]
+
+
+def test_cli_rerun_into_its_own_output_replaces_it(saved_model):  # noqa: F811
+    d = saved_model
+    assert main(_attribute_argv(d, d / "run")) == 0
+    assert main(_attribute_argv(d, d / "run")) == 0  # once refused: "ggda_config.json is a file"
+    prune = ["prune", "--run", str(d / "run"), "--fraction", "0.2", "--output", str(d / "p")]
+    assert main(prune) == 0 and main(prune) == 0
+    assert (d / "run" / "train" / OUTPUT_MARKER).is_file()
+    assert len(load_from_disk(str(d / "run" / "train"))) == 30
+
+
+def test_cli_output_folder_holding_user_files_is_refused_before_any_pass(saved_model,  # noqa: F811
+                                                                        capsys):
+    d = saved_model
+    (d / "run" / "train").mkdir(parents=True)
+    (d / "run" / "train" / "mine.csv").write_text("a,b\n")
+    (d / "run" / "ggda_config.json").mkdir()  # a folder where the config file goes
+    before = _snapshot(d / "run")
+    assert main(_attribute_argv(d, d / "run")) == 2
+    err = capsys.readouterr().err
+    assert "hf-ggda: error:" in err and "Traceback" not in err
+    assert "is a folder" in err and "another --output folder" in err
+    (d / "run" / "ggda_config.json").rmdir()
+    assert main(_attribute_argv(d, d / "run")) == 2
+    err = capsys.readouterr().err
+    assert "mine.csv" in err and "never deletes" in err
+    before.pop("ggda_config.json")
+    assert _snapshot(d / "run") == before  # nothing written, the user's file kept
+
+
+def test_cli_output_inside_an_input_dataset_folder_is_refused(saved_model, capsys):  # noqa: F811
+    d = saved_model
+    before = _snapshot(d / "train")
+    assert main(_attribute_argv(d, d / "train")) == 2  # would write train/train, train/scores
+    err = capsys.readouterr().err
+    assert "inside the input dataset folder" in err and "outside it" in err
+    assert _snapshot(d / "train") == before

@@ -6,7 +6,13 @@ import pytest
 import torch
 from datasets import Dataset, load_from_disk
 
-from hf_ggda.errors import ColumnTypeError, EmptyDatasetError, MissingColumnError
+from hf_ggda.errors import (
+    ColumnTypeError,
+    ConfigError,
+    EmptyDatasetError,
+    LabelError,
+    MissingColumnError,
+)
 from hf_ggda.gradients import EngineConfig, GradientEngine
 from hf_ggda.tasks import CausalLMTask, SequenceClassificationTask
 from hf_ggda.testing import tiny_lora, tiny_tokenizer, toy_dataset
@@ -48,9 +54,13 @@ def test_causal_lm_masks_prompt_and_padding():
 def test_causal_lm_rows_without_targets_are_named():
     tok = tiny_tokenizer("causal")
     ds = Dataset.from_dict({"prompt": ["the market shares bank profit"], "response": [" win"]})
-    with pytest.raises(ValueError, match=r"Rows \[0\] have no target tokens"):
+    with pytest.raises(LabelError, match=r"Rows \[0\] have no target tokens") as info:
         CausalLMTask(tok, prompt_column="prompt", response_column="response",
                      max_length=4).prepare(ds)
+    assert "Increase max_length" in str(info.value)  # a row that would add nothing, typed
+    for bad in ({"reduction": "avg"}, {"prompt_column": "prompt"}, {"max_length": 0}):
+        with pytest.raises(ConfigError):
+            CausalLMTask(tok, **bad)
 
 
 def test_prepare_is_cached_by_fingerprint(tmp_path):

@@ -10,15 +10,26 @@ from typing import Any
 import pytest
 import torch
 from datasets import load_from_disk
-from transformers import (DataCollatorWithPadding, Trainer, TrainerControl, TrainerState,
-                          TrainingArguments)
+from transformers import (
+    DataCollatorWithPadding,
+    Trainer,
+    TrainerControl,
+    TrainerState,
+    TrainingArguments,
+)
 
 from hf_ggda.attributors import TracIn, TracInConfig, trainer_checkpoints
 from hf_ggda.errors import MissingColumnError
 from hf_ggda.grouping import get_grouper
-from hf_ggda.integrations.trainer import (MANIFEST_NAME, SCORED_QUERY_DIR, SCORED_TRAIN_DIR,
-                                          SCORES_DIR, GGDACallback, read_checkpoint_manifest,
-                                          tracin_config_from_manifest)
+from hf_ggda.integrations.trainer import (
+    MANIFEST_NAME,
+    SCORED_QUERY_DIR,
+    SCORED_TRAIN_DIR,
+    SCORES_DIR,
+    GGDACallback,
+    read_checkpoint_manifest,
+    tracin_config_from_manifest,
+)
 from hf_ggda.scores import GROUP_SCORE_COLUMN, TOP_GROUPS_COLUMN, GroupScores
 from hf_ggda.tasks import SequenceClassificationTask
 from hf_ggda.testing import tiny_lora, tiny_tokenizer, toy_dataset

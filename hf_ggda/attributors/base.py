@@ -50,15 +50,16 @@ from ..config import ConfigMixin
 from ..curvature import CurvatureContext, Preconditioner
 from ..curvature.mix import CurvatureData, resolve_curvature_dataset
 from ..errors import (
+    ConfigError,
     GroupingError,
     MissingColumnError,
-    NonFiniteScoresError,
     NotFittedError,
     TokenizationMismatchError,
 )
 from ..fingerprint import hash_json
 from ..gradients.engine import EngineConfig, GradientEngine, GroupGradients, RowFn, plan_groups
 from ..gradients.taps import PassTap
+from ..learning_check import check_model_learned
 from ..logging import get_logger
 from ..params import ParameterSelection
 from ..scores import GroupScores
@@ -67,7 +68,7 @@ from .checkpoints import Checkpoint
 from .drilldown import SelfAndDrillMixin
 from .model_state import check_model_unchanged
 from .normalise import check_normalize, normalise_rows, row_weights
-from .registry import config_class
+from .scoring import check_finite_scores
 
 if TYPE_CHECKING:
     from ..grouping.base import Grouper
@@ -100,6 +101,8 @@ class AttributorConfig(ConfigMixin):
         normalize: ``"unit"`` / ``"preconditioned"``: divide every training and query row's
             gradient by its norm before it enters a group sum, so normalised scores stay
             additive over groups (:mod:`hf_ggda.attributors.normalise`); None: raw scores.
+        strict: Raise instead of warning when the classifier has not learned
+            (:mod:`hf_ggda.learning_check`) or the model is in train mode.
     """
 
     attributor_type: str = field(default="", metadata={"help": "Registered method name."})
@@ -116,6 +119,8 @@ class AttributorConfig(ConfigMixin):
         "help": "Store vectors as 'float16' or 'bfloat16' (None: the accumulation dtype)."})
     normalize: Optional[str] = field(default=None, metadata={
         "help": "'unit' or 'preconditioned': normalise each row before the group sum."})
+    strict: bool = field(default=False, metadata={
+        "help": "Turn warnings (a classifier that has not learned, train mode) into errors."})
 
     def __post_init__(self) -> None:
         expected = type(self).__dataclass_fields__["attributor_type"].default
@@ -143,11 +148,18 @@ class AttributorConfig(ConfigMixin):
         looked up from ``attributor_type`` in the registry.
 
         Raises:
-            ValueError: Unknown attributor type or unknown keys.
+            ConfigError: (a ``ValueError``) Unknown attributor type or unknown keys.
         """
         target: type[AttributorConfig] = cls
         if cls is AttributorConfig:
-            target = config_class(data.get("attributor_type", ""))
+            from .registry import ATTRIBUTOR_TYPE_TO_CONFIG_MAPPING
+
+            kind = data.get("attributor_type", "") if isinstance(data, Mapping) else ""
+            if not isinstance(kind, str) or kind not in ATTRIBUTOR_TYPE_TO_CONFIG_MAPPING:
+                raise ConfigError(f"Unknown attributor_type {kind!r:.80}; registered: "
+                                  f"{sorted(ATTRIBUTOR_TYPE_TO_CONFIG_MAPPING)}. Pass one of "
+                                  "them.")
+            target = ATTRIBUTOR_TYPE_TO_CONFIG_MAPPING[kind]
         return super(AttributorConfig, target).from_dict(dict(data))
 
 
@@ -193,6 +205,8 @@ class _Fit:
     task_config: dict[str, Any] = field(default_factory=dict)
     #: Which rows each group held (:func:`hf_ggda.alignment.group_signature`).
     group_signature: dict[str, Any] = field(default_factory=dict)
+    #: :func:`hf_ggda.learning_check.check_model_learned` of the fitted model (None: n/a).
+    model_check: Optional[dict[str, Any]] = None
 
 
 class Attributor(SelfAndDrillMixin, ABC):
@@ -243,7 +257,7 @@ class Attributor(SelfAndDrillMixin, ABC):
         return EngineConfig(batch_size=self.config.batch_size, shard_rows=self.config.shard_rows,
                             factorised_dim=self.config.factorised_dim,
                             memory_budget=self.config.memory_budget,
-                            store_dtype=self.config.store_dtype)
+                            store_dtype=self.config.store_dtype, strict=self.config.strict)
 
     def train_fn(self) -> RowFn:
         """The per-row training function whose group gradients are v(G) (default: loss)."""
@@ -344,6 +358,8 @@ class Attributor(SelfAndDrillMixin, ABC):
                              "preconditioner='kfac', 'ekfac', 'lissa', 'datainf' or 'exact'.")
         self._curvature_rows = None if curvature_dataset is None else \
             resolve_curvature_dataset(curvature_dataset, getattr(self.config, "seed", 0))
+        learned = check_model_learned(self.model, self.task, train_dataset,
+                                      strict=self.config.strict)
         base = None if store is None else Path(store)
         subs = [None if base is None else base / f"component-{c}"
                 for c in range(len(self.components))]
@@ -362,7 +378,8 @@ class Attributor(SelfAndDrillMixin, ABC):
         self._fit = _Fit(train_dataset, group_column, list(ids or []), np.asarray(sizes), parts,
                          task_config=self.task.config_dict(),
                          group_signature=group_signature(train_dataset, group_column,
-                                                         list(ids or [])))
+                                                         list(ids or [])),
+                         model_check=None if learned is None else learned.to_dict())
         self._query_cache.clear()
         logger.info("%s fitted on %d rows in %d groups.", type(self).__name__,
                     len(train_dataset), len(self._fit.group_ids))
@@ -518,6 +535,13 @@ class Attributor(SelfAndDrillMixin, ABC):
                                      role="query group column")
         return engine.sum_into_groups(grads, dataset, str(column), self.query_fn())
 
+    def result_config(self) -> dict[str, Any]:
+        """The config written into results: the settings, the resolved parameter selection
+        and the fitted model's learning check (``model_check``)."""
+        state = self._require_fit()
+        return {**self.config.to_dict(), "selection_resolved": self.selection.how,
+                "model_check": state.model_check}
+
     def _check_task(self, state: _Fit) -> None:
         """Queries must be prepared like the training rows (tokenizer, lengths, padding).
 
@@ -552,12 +576,8 @@ class Attributor(SelfAndDrillMixin, ABC):
             term = comp.weight * (q @ t.T)
             total = term if total is None else total + term
         assert total is not None
-        bad = ~torch.isfinite(total)
-        if bool(bad.any()):
-            ids = list(columns) if columns is not None else self.group_ids
-            rows = (torch.nonzero(bad.any(1)).flatten() + first_row).tolist()
-            groups = [ids[int(k)] for k in torch.nonzero(bad.any(0)).flatten()]
-            raise NonFiniteScoresError(rows, groups, str(total.dtype).replace("torch.", ""))
+        check_finite_scores(total, first_row,
+                            list(columns) if columns is not None else self.group_ids)
         return total
 
     def score(self, query_dataset: Dataset, aggregate: Optional[str] = None,
@@ -610,7 +630,7 @@ class Attributor(SelfAndDrillMixin, ABC):
             self._query_cache.popitem(last=False)
         scores = GroupScores(
             matrix=matrix.detach().cpu(), group_ids=list(state.group_ids), query_ids=ids,
-            config={**self.config.to_dict(), "selection_resolved": self.selection.how},
+            config=self.result_config(),
             fingerprints={"train": [p.fingerprint for p in state.parts], "query": key,
                           "query_gradients": fps, "query_rows": rows_signature(query_dataset),
                           "train_groups": state.group_signature},

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Mapping, Union
 
+from ..errors import ConfigError
+
 if TYPE_CHECKING:
     from .base import Attributor, AttributorConfig
 
@@ -70,7 +72,7 @@ def get_attributor_config(config: Union[str, Mapping[str, Any]], **overrides: An
         The config.
 
     Raises:
-        ValueError: Unknown method or fields.
+        ConfigError: (a ``ValueError``) Unknown method or fields.
     """
     data = {"attributor_type": config} if isinstance(config, str) else dict(config)
     data.update(overrides)
@@ -92,12 +94,12 @@ def get_attributor(model: Any, task: Any,
         The (unfitted) attributor.
 
     Raises:
-        ValueError: Unknown method.
+        ConfigError: (a ``ValueError``) Unknown method.
     """
     if isinstance(config, (str, Mapping)):
         config = get_attributor_config(config)
     cls = ATTRIBUTOR_TYPE_TO_ATTRIBUTOR_MAPPING.get(config.attributor_type)
     if cls is None:
-        raise ValueError(f"Unknown attributor_type {config.attributor_type!r}; registered: "
-                         f"{sorted(ATTRIBUTOR_TYPE_TO_ATTRIBUTOR_MAPPING)}.")
+        raise ConfigError(f"Unknown attributor_type {config.attributor_type!r}; registered: "
+                          f"{sorted(ATTRIBUTOR_TYPE_TO_ATTRIBUTOR_MAPPING)}.")
     return cls(model, task, config, **kwargs)

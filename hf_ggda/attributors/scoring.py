@@ -16,6 +16,7 @@ from datasets import Dataset
 
 from .. import SIGN_CONVENTION
 from ..alignment import rows_signature
+from ..errors import NonFiniteScoresError
 from ..fingerprint import hash_json
 from ..scores import GroupScores
 from ..top_groups import TopGroupScores
@@ -75,7 +76,7 @@ def score_in_chunks(attributor: "Attributor", queries: Dataset, chunk: int,
             values, index = torch.topk(block, min(top_k, block.shape[1]), dim=1)
             rows_best.append((values, index))
         del vectors
-    config = {**attributor.config.to_dict(), "selection_resolved": attributor.selection.how}
+    config = attributor.result_config()
     ids = list(range(len(queries)))
     if top_k is not None:
         values = torch.cat([v for v, _ in rows_best]) if rows_best else torch.zeros(0, top_k)
@@ -92,3 +93,21 @@ def score_in_chunks(attributor: "Attributor", queries: Dataset, chunk: int,
                       "train_groups": state.group_signature},
         sign_convention=SIGN_CONVENTION, query_mode="rows", group_column=state.group_column,
         query_group_column=None)
+
+
+def check_finite_scores(scores: torch.Tensor, first_row: int, columns: list[Any]) -> None:
+    """Raise when a score matrix holds NaN or Inf (an overflow of its dtype).
+
+    Args:
+        scores: (m, K) scores.
+        first_row: Row of the first query (chunks), for the message.
+        columns: Ids of the K columns (groups, or drill-down rows).
+
+    Raises:
+        NonFiniteScoresError: Naming the query rows, the columns and the fix.
+    """
+    bad = ~torch.isfinite(scores)
+    if bool(bad.any()):
+        rows = (torch.nonzero(bad.any(1)).flatten() + first_row).tolist()
+        groups = [columns[int(k)] for k in torch.nonzero(bad.any(0)).flatten()]
+        raise NonFiniteScoresError(rows, groups, str(scores.dtype).replace("torch.", ""))

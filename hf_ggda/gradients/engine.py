@@ -9,7 +9,6 @@ sequence of forward+backward passes whose per-group sums come from
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
@@ -19,12 +18,13 @@ from datasets import Dataset
 
 from ..config import ConfigMixin
 from ..distributed import all_reduce_sum, barrier, rank_and_world
-from ..errors import GroupingError, MissingColumnError, NonFiniteError
+from ..errors import GroupingError, MissingColumnError, ModelStateError, NonFiniteError
 from ..fingerprint import hash_array, hash_json, hash_model, request_fingerprint
 from ..logging import get_logger, progress
 from ..params import ParameterSelection, SelectionSpec
 from ..store import GradientStore
 from ..tasks import GROUP_COLUMN, AttributionTask, Batch, check_columns
+from ..validation import check_group_values
 from .factorised import FactorisedProjector
 from .hooks import GradientCollector, find_tracked
 from .projection import RandomProjector
@@ -138,43 +138,6 @@ class _Plan:
     shards: list[tuple[int, int]]
 
 
-def _check_group_values(values: Sequence[Any]) -> None:
-    """Refuse group ids that are no ids: nulls, NaN / Inf, and fractional floats.
-
-    Raises:
-        GroupingError: With the rows and the fix.
-    """
-    nulls, non_finite, fractional = [], [], []
-    for i, v in enumerate(values):
-        if v is None:
-            nulls.append(i)
-        elif isinstance(v, (float, np.floating)):
-            if not math.isfinite(v):
-                non_finite.append(i)
-            elif not float(v).is_integer():
-                fractional.append(i)
-
-    def rows(found: list[int]) -> str:
-        return f"{found[:20]}{' ...' if len(found) > 20 else ''} ({len(found)} of {len(values)})"
-
-    if nulls:
-        raise GroupingError(f"Group column has nulls at rows {rows(nulls)}; every row needs a "
-                            "group. Fill them (e.g. with a 'unknown' group) or drop the rows.")
-    if non_finite:
-        raise GroupingError(
-            f"Group column has NaN or Inf at rows {rows(non_finite)}: NaN is a missing value, "
-            "not a group id (NaN != NaN), and Inf cannot be stored. Fill them with a real "
-            "group id (e.g. `dataset.map(lambda r: {'group_id': -1 if r['group_id'] != "
-            "r['group_id'] else r['group_id']})`) or drop the rows.")
-    if fractional:
-        example = values[fractional[0]]
-        raise GroupingError(
-            f"Group column has fractional float ids at rows {rows(fractional)} (e.g. "
-            f"{float(example)!r}): group ids must be integers or strings, and a store keeps "
-            "ids as integers, so 0.5 and 0.7 would collide. Cast the column, e.g. "
-            "`dataset.map(lambda r: {'group_id': str(r['group_id'])})`.")
-
-
 def plan_groups(values: Sequence[Any], shard_rows: int,
                 max_groups: Optional[int] = None) -> _Plan:
     """Order rows by group and cut whole groups into shards of about ``shard_rows`` rows
@@ -184,7 +147,7 @@ def plan_groups(values: Sequence[Any], shard_rows: int,
         GroupingError: A group value is null, NaN / Inf or a fractional float, or the values
             cannot be ordered.
     """
-    _check_group_values(values)
+    check_group_values(values)
     try:
         uniq, inverse = np.unique(np.asarray(values), return_inverse=True)
     except TypeError as err:
@@ -423,7 +386,7 @@ class GradientEngine:
             msg = ("The model is in train mode; dropout would make gradients random. "
                    "Switching to eval() for attribution.")
             if self.config.strict:
-                raise RuntimeError(msg + " (strict mode: call model.eval() first)")
+                raise ModelStateError(msg + " (strict mode: call model.eval() first)")
             logger.info(msg)
         self.model.eval()
         try:

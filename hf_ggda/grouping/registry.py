@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import TYPE_CHECKING, Any, Optional
 
+from ..errors import ConfigError
+
 if TYPE_CHECKING:
     from .base import Grouper, GrouperConfig
 
@@ -49,11 +51,11 @@ def get_grouper(name: str, config: Optional[GrouperConfig] = None, **kwargs: Any
     """
     key = name.strip().lower().replace("_", "-")
     if key not in GROUPERS:
-        raise ValueError(f"Unknown grouper {name!r}; choose one of {sorted(GROUPERS)}.")
+        raise ConfigError(f"Unknown grouper {name!r}; choose one of {sorted(GROUPERS)}.")
     cls = GROUPERS[key]
     valid = {f.name for f in fields(cls.config_class)}
     unknown = sorted(set(kwargs) - valid)
     if unknown:
-        raise ValueError(f"Unknown settings {unknown} for grouper {key!r}; valid settings: "
+        raise ConfigError(f"Unknown settings {unknown} for grouper {key!r}; valid settings: "
                          f"{sorted(valid)}.")
     return cls(config, **kwargs)

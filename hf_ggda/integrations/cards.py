@@ -232,6 +232,10 @@ def build_attribution_card(scores: GroupScores | SelfInfluence, train_dataset: D
 
         context["tokens"], images[TOKEN_CHART_FILE] = token_section(
             token_scores, query_label=token_query)
+    not_learned = _not_learned(cfg.get("model_check"))
+    context["not_learned"] = not_learned
+    if not_learned:
+        context["limits"].insert(0, not_learned)
     if projection:
         context["limits"].append(f"Gradients were randomly projected to "
                                  f"{md_text(projection, 20)} "
@@ -241,6 +245,22 @@ def build_attribution_card(scores: GroupScores | SelfInfluence, train_dataset: D
     template = Path(template_path) if template_path is not None else default_template_path()
     card = card_cls.from_template(card_data, template_path=str(template), **context)
     return card, images
+
+
+def _not_learned(check: Any) -> str:
+    """The card's warning for a classifier that had not learned (escaped), else ``""``.
+
+    ``check`` is the ``model_check`` of a scores file (untrusted): anything but a well-formed
+    failed check gives no warning.
+    """
+    from ..learning_check import LearningCheck
+
+    if not isinstance(check, dict) or check.get("learned") is not False:
+        return ""
+    try:
+        return md_text(LearningCheck(**check).message(), 800)
+    except (TypeError, ValueError):
+        return ""
 
 
 def write_attribution_card(output_dir: str | os.PathLike[str],
