@@ -1,0 +1,284 @@
+"""In-run group TracIn captured by ``GGDACallback(in_run=True)`` during real Trainer runs."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import pytest
+import torch
+import torch.nn.functional as F
+from datasets import Dataset
+from transformers import (
+    DataCollatorWithPadding,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+
+from hf_ggda.attributors import TracIn, TracInConfig
+from hf_ggda.errors import MissingColumnError
+from hf_ggda.integrations.in_run import ROW_COLUMN, SLOT_KEY, with_row_index
+from hf_ggda.integrations.trainer import HISTORY_NAME, IN_RUN_DIR, GGDACallback
+from hf_ggda.params import ParameterSelection
+from hf_ggda.scores import GROUP_SCORE_COLUMN, GroupScores
+from hf_ggda.tasks import SequenceClassificationTask
+from hf_ggda.testing import tiny_lora, tiny_tokenizer, toy_dataset
+
+BATCH, STEPS = 4, 4
+
+
+class Recorder:
+    """Wraps a collator and keeps a copy of every batch it makes (in the Trainer's order)."""
+
+    def __init__(self, inner: Callable[[list[Any]], Any]) -> None:
+        self.inner, self.batches = inner, []
+
+    def __call__(self, features: list[Any]) -> Any:
+        batch = self.inner(features)
+        self.batches.append({k: v.clone() for k, v in batch.items()})
+        return batch
+
+
+class Snapshots(TrainerCallback):
+    """Keeps the selected weights at the start and after every optimizer step."""
+
+    def __init__(self) -> None:
+        self.weights: dict[int, dict[str, torch.Tensor]] = {}
+        self.grads: dict[int, dict[str, torch.Tensor]] = {}
+
+    def _keep(self, state: Any, model: torch.nn.Module) -> None:
+        self.weights[state.global_step] = {n: p.detach().clone()
+                                           for n, p in model.named_parameters()}
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._keep(state, kwargs["model"])
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._keep(state, kwargs["model"])
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any,
+                              **kwargs: Any) -> None:
+        self.grads[state.global_step + 1] = {n: p.grad.detach().clone() for n, p in
+                                             kwargs["model"].named_parameters()
+                                             if p.grad is not None}
+
+
+def _no_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model
+
+
+def _setup(double: bool = True, dropout: bool = False) -> dict[str, Any]:
+    tok = tiny_tokenizer("bert")
+    model = tiny_lora("bert", tok.vocab_size, r=2, seed=5, modules_to_save=("classifier",))
+    if not dropout:
+        _no_dropout(model)
+    if double:
+        model = model.double()
+    task = SequenceClassificationTask(tok, max_length=16)
+    raw = toy_dataset(16, seed=2)
+    raw = raw.add_column("group_id", [f"g{i % 3}" for i in range(len(raw))])
+    return {"tok": tok, "model": model, "task": task, "raw": raw,
+            "eval": toy_dataset(5, seed=9)}
+
+
+def _args(out: Path, **kwargs: Any) -> TrainingArguments:
+    base: dict[str, Any] = dict(
+        output_dir=str(out), use_cpu=True, report_to=[], max_steps=STEPS,
+        per_device_train_batch_size=BATCH, learning_rate=0.05, lr_scheduler_type="linear",
+        remove_unused_columns=False, save_strategy="no", logging_steps=1, seed=0,
+        max_grad_norm=0.0,
+        disable_tqdm=True, dataloader_num_workers=0, label_names=["labels"])
+    base.update(kwargs)
+    return TrainingArguments(**base)
+
+
+def _train(s: dict[str, Any], out: Path, column: Optional[str], callback_kwargs: Any = None,
+           **args: Any) -> dict[str, Any]:
+    """Train with (``callback_kwargs`` given) or without in-run capture."""
+    task, tok = s["task"], s["tok"]
+    train = s["raw"] if column != ROW_COLUMN else with_row_index(s["raw"])
+    tokenised = task.prepare(s["raw"])
+    if column == ROW_COLUMN:  # point mode: the Trainer's rows carry their positions
+        tokenised = with_row_index(tokenised)
+    tokenised = tokenised.select_columns([*task.feature_columns] + ([column] if column else []))
+    snaps, callbacks = Snapshots(), []
+    collator: Callable[[list[Any]], Any] = DataCollatorWithPadding(tok)
+    cb = None
+    if callback_kwargs is not None:
+        cb = GGDACallback(in_run=True, task=task, train_dataset=tokenised,
+                          eval_dataset=s["eval"], group_column=column or "group_id",
+                          **callback_kwargs)
+        collator, callbacks = cb.data_collator(collator), [cb]
+    recorder = Recorder(collator)
+    trainer = Trainer(model=s["model"], args=_args(out, **args), train_dataset=tokenised,
+                      data_collator=recorder, callbacks=callbacks + [snaps])
+    trainer.train()
+    return {"cb": cb, "trainer": trainer, "batches": recorder.batches,
+            "weights": snaps.weights, "grads": snaps.grads, "train": train}
+
+
+def _flat_grad(loss: torch.Tensor, params: list[torch.nn.Parameter]) -> torch.Tensor:
+    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params,
+                                                                 retain_graph=True)])
+
+
+def _by_hand(s: dict[str, Any], run: dict[str, Any], accum: int) -> torch.Tensor:
+    """float64 autograd: Σ over the scored steps t of η_t uᵀ g_G,t, with u the summed eval
+    loss gradient at the capture's weights and g_G,t the gradient of the Trainer's loss of
+    step t, at the weights θ_(t-1), restricted to G's rows. The Trainer's loss of a
+    micro-batch is the model's mean CE, divided by the accumulation steps unless the model
+    takes loss kwargs (then transformers leaves it undivided); checked here against the
+    gradient the Trainer really accumulated (clipping off)."""
+    cb, task, trainer = run["cb"], s["task"], run["trainer"]
+    divisor = 1 if trainer.model_accepts_loss_kwargs else accum
+    model = copy.deepcopy(s["model"]).double().eval()
+    names = ParameterSelection.resolve(model, "auto").names
+    params = [dict(model.named_parameters())[n] for n in names]
+    ev = task.prepare(s["eval"]).select_columns(list(task.feature_columns))
+    ev_batch = task.collate(ev[:])
+    total = torch.zeros(len(cb.in_run.slot_of), dtype=torch.float64)
+    for record in cb.history:
+        model.load_state_dict(run["weights"][record.weights_step], strict=False)
+        u = _flat_grad(task.per_row_loss(model, ev_batch).sum(), params)
+        for step, lr in zip(record.steps, record.learning_rates):
+            model.load_state_dict(run["weights"][step - 1], strict=False)
+            step_grad = torch.zeros_like(u)
+            for b in run["batches"][(step - 1) * accum:step * accum]:
+                inputs = {k: v for k, v in b.items() if k not in (SLOT_KEY, "labels")}
+                ce = F.cross_entropy(model(**inputs).logits, b["labels"], reduction="none")
+                for slot in b[SLOT_KEY].unique().tolist():
+                    mine = ce[b[SLOT_KEY] == slot].sum() / len(ce) / divisor
+                    g = _flat_grad(mine, params)
+                    step_grad += g
+                    total[slot] += lr * float(u @ g)
+            trained = torch.cat([run["grads"][step][n].reshape(-1) for n in names])
+            torch.testing.assert_close(step_grad, trained, rtol=1e-10, atol=1e-14)
+    return total
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_in_run_scores_equal_float64_by_hand(tmp_path: Path, accum: int) -> None:
+    s = _setup()
+    run = _train(s, tmp_path, "group_id", dict(every=2), gradient_accumulation_steps=accum)
+    cb = run["cb"]
+    # captures at θ_0, θ_2 and the start of the last step (θ_3); each scores the next step
+    assert [r.weights_step for r in cb.history] == [0, 2, 3]
+    assert [r.steps for r in cb.history] == [[1], [3], [4]]
+    assert all(r.rows == BATCH * accum for r in cb.history)
+    # η_t is the linear schedule's rate of step t
+    assert [r.learning_rates[0] for r in cb.history] == pytest.approx(
+        [0.05 * (STEPS - (t - 1)) / STEPS for t in (1, 3, 4)], rel=1e-12)
+    scores = cb.in_run_scores
+    assert scores.group_ids == ["g0", "g1", "g2"] and scores.query_mode == "sum"
+    expected = _by_hand(s, run, accum)
+    assert float(expected.abs().min()) > 0
+    torch.testing.assert_close(scores.matrix[0], expected, rtol=1e-6, atol=0)
+    torch.testing.assert_close(cb.in_run.history_matrix().sum(0), expected, rtol=1e-6, atol=0)
+    # saved: GroupScores + history; the dataset columns work like post-hoc ones
+    saved = GroupScores.from_pretrained(tmp_path / IN_RUN_DIR)
+    torch.testing.assert_close(saved.matrix, scores.matrix)
+    history = json.loads((tmp_path / IN_RUN_DIR / HISTORY_NAME).read_text())
+    assert [c["weights_step"] for c in history["captures"]] == [0, 2, 3]
+    scored = scores.to_dataset_columns(s["raw"])
+    totals = dict(zip(scores.group_ids, scores.aggregated().tolist()))
+    assert scored[GROUP_SCORE_COLUMN] == [totals[g] for g in s["raw"]["group_id"]]
+
+
+def test_steps_all_scores_every_step_against_the_latest_capture(tmp_path: Path) -> None:
+    s = _setup()
+    run = _train(s, tmp_path, "group_id", dict(every=2, in_run_steps="all"))
+    cb = run["cb"]
+    assert [r.weights_step for r in cb.history] == [0, 2, 3]
+    assert [r.steps for r in cb.history] == [[1, 2], [3], [4]]
+    assert [r.rows for r in cb.history] == [2 * BATCH, BATCH, BATCH]
+    # step 2's gradient (at θ_1) is scored against u(θ_0)
+    torch.testing.assert_close(cb.in_run_scores.matrix[0], _by_hand(s, run, 1),
+                               rtol=1e-6, atol=0)
+
+
+def test_training_is_bit_identical_with_and_without_capture(tmp_path: Path) -> None:
+    # float32 and dropout on: the capture must neither touch the gradients nor draw RNG
+    captured = _train(_setup(double=False, dropout=True), tmp_path / "in_run", "group_id",
+                      dict(every=1, in_run_steps="all"), gradient_accumulation_steps=2,
+                      max_steps=2)
+    again = _train(_setup(double=False, dropout=True), tmp_path / "plain2", None,
+                   gradient_accumulation_steps=2, max_steps=2)
+    assert captured["cb"].in_run_scores is not None
+    assert len(captured["cb"].history) == 2
+    for step, weights in again["weights"].items():
+        for name, value in weights.items():
+            assert torch.equal(value, captured["weights"][step][name]), (step, name)
+    losses = [e["loss"] for e in captured["trainer"].state.log_history if "loss" in e]
+    assert losses == [e["loss"] for e in again["trainer"].state.log_history if "loss" in e]
+    assert sorted(again["weights"]) == [0, 1, 2]
+
+
+def test_capture_at_checkpoints_equals_post_hoc_tracin(tmp_path: Path) -> None:
+    """Point mode, captures at the saved checkpoints: each capture is post-hoc TracIn over
+    that checkpoint on the next step's rows (the Trainer's mean loss: ÷ batch rows)."""
+    s = _setup()
+    run = _train(s, tmp_path, ROW_COLUMN, dict(every=2), save_strategy="steps", save_steps=2,
+                 save_only_model=True)
+    cb = run["cb"]
+    assert cb.in_run_scores.group_ids == list(range(16))
+    compared = 0
+    for i, record in enumerate(cb.history):
+        folder = tmp_path / f"checkpoint-{record.weights_step}"
+        if not folder.is_dir():
+            continue
+        rows = run["batches"][record.steps[0] - 1][SLOT_KEY].tolist()
+        config = TracInConfig(checkpoints=[str(folder)], learning_rates=record.learning_rates,
+                              batch_size=3)
+        model = s["model"].eval()
+        post = TracIn(model, s["task"], config).fit(
+            run["train"].select(rows), group_column=ROW_COLUMN).score(s["eval"],
+                                                                     aggregate="sum")
+        in_run = cb.in_run.history_matrix()[i]
+        assert sorted(rows) == post.group_ids
+        torch.testing.assert_close(in_run[post.group_ids] * BATCH, post.matrix[0],
+                                   rtol=1e-6, atol=0)
+        others = [r for r in range(16) if r not in rows]
+        assert float(in_run[others].abs().max()) == 0.0
+        compared += 1
+    assert compared == 1  # θ_2 (θ_0 and θ_3 are not checkpoints)
+
+
+def test_in_run_errors(tmp_path: Path) -> None:
+    s = _setup(double=False)
+    tokenised = s["task"].prepare(s["raw"]).select_columns(
+        [*s["task"].feature_columns, "group_id"])
+    with pytest.raises(ValueError, match="eval_dataset"):
+        GGDACallback(in_run=True, task=s["task"], train_dataset=tokenised)
+    with pytest.raises(MissingColumnError):
+        GGDACallback(in_run=True, task=s["task"], eval_dataset=s["eval"],
+                     train_dataset=tokenised.remove_columns("group_id"))
+    with pytest.raises(ValueError, match="every"):
+        GGDACallback(in_run=True, task=s["task"], eval_dataset=s["eval"],
+                     train_dataset=tokenised, every=0)
+    with pytest.raises(ValueError, match="in_run=True"):
+        GGDACallback().data_collator(DataCollatorWithPadding(s["tok"]))
+    cb = GGDACallback(in_run=True, task=s["task"], eval_dataset=s["eval"],
+                      train_dataset=tokenised)
+    collate = cb.data_collator(DataCollatorWithPadding(s["tok"]))
+    with pytest.raises(MissingColumnError, match="remove_unused_columns"):
+        collate([{k: v for k, v in tokenised[0].items() if k != "group_id"}])
+    batch = collate([tokenised[0], tokenised[1]])
+    assert batch[SLOT_KEY].tolist() == [0, 1] and "group_id" not in batch
+    # selected parameters outside linear layers cannot be split inside the hooks
+    bad = GGDACallback(in_run=True, task=s["task"], eval_dataset=s["eval"],
+                       train_dataset=tokenised, selection=["*word_embeddings*"])
+    with pytest.raises(ValueError, match="outside"):
+        _run_with(bad, s, tokenised, tmp_path)
+
+
+def _run_with(cb: GGDACallback, s: dict[str, Any], tokenised: Dataset, out: Path) -> None:
+    trainer = Trainer(model=s["model"], args=_args(out), train_dataset=tokenised,
+                      data_collator=cb.data_collator(DataCollatorWithPadding(s["tok"])),
+                      callbacks=[cb])
+    trainer.train()
