@@ -20,6 +20,7 @@ from transformers import (
 
 from hf_ggda.attributors import TracIn, TracInConfig
 from hf_ggda.errors import MissingColumnError
+from hf_ggda.gradients import EngineConfig
 from hf_ggda.integrations.in_run import ROW_COLUMN, SLOT_KEY, with_row_index
 from hf_ggda.integrations.trainer import HISTORY_NAME, IN_RUN_DIR, GGDACallback
 from hf_ggda.params import ParameterSelection
@@ -219,14 +220,20 @@ def test_training_is_bit_identical_with_and_without_capture(tmp_path: Path) -> N
     assert sorted(again["weights"]) == [0, 1, 2]
 
 
-def test_capture_at_checkpoints_equals_post_hoc_tracin(tmp_path: Path) -> None:
+@pytest.mark.parametrize("factorised_dim", [None, 4])
+def test_capture_at_checkpoints_equals_post_hoc_tracin(tmp_path: Path,
+                                                       factorised_dim: Optional[int]) -> None:
     """Point mode, captures at the saved checkpoints: each capture is post-hoc TracIn over
-    that checkpoint on the next step's rows (the Trainer's mean loss: ÷ batch rows)."""
+    that checkpoint on the next step's rows (the Trainer's mean loss: ÷ batch rows), also
+    with the factorised projection (the same seeded per-layer matrices)."""
     s = _setup()
-    run = _train(s, tmp_path, ROW_COLUMN, dict(every=2), save_strategy="steps", save_steps=2,
-                 save_only_model=True)
+    engine = EngineConfig(factorised_dim=factorised_dim, batch_size=2)
+    run = _train(s, tmp_path, ROW_COLUMN, dict(every=2, in_run_config=engine),
+                 save_strategy="steps", save_steps=2, save_only_model=True)
     cb = run["cb"]
     assert cb.in_run_scores.group_ids == list(range(16))
+    assert (cb.in_run.engine.factorised is not None) == (factorised_dim is not None)
+    assert cb.in_run_scores.config["factorised_dim"] == factorised_dim
     compared = 0
     for i, record in enumerate(cb.history):
         folder = tmp_path / f"checkpoint-{record.weights_step}"
@@ -234,7 +241,7 @@ def test_capture_at_checkpoints_equals_post_hoc_tracin(tmp_path: Path) -> None:
             continue
         rows = run["batches"][record.steps[0] - 1][SLOT_KEY].tolist()
         config = TracInConfig(checkpoints=[str(folder)], learning_rates=record.learning_rates,
-                              batch_size=3)
+                              batch_size=3, factorised_dim=factorised_dim)
         model = s["model"].eval()
         post = TracIn(model, s["task"], config).fit(
             run["train"].select(rows), group_column=ROW_COLUMN).score(s["eval"],
