@@ -21,7 +21,8 @@ from transformers import (
 from hf_ggda.attributors import TracIn, TracInConfig
 from hf_ggda.errors import MissingColumnError
 from hf_ggda.gradients import EngineConfig
-from hf_ggda.integrations.in_run import ROW_COLUMN, SLOT_KEY, with_row_index
+from hf_ggda.integrations.cards import build_attribution_card
+from hf_ggda.integrations.in_run import ROW_COLUMN, SLOT_KEY, history_curves, with_row_index
 from hf_ggda.integrations.trainer import HISTORY_NAME, IN_RUN_DIR, GGDACallback
 from hf_ggda.params import ParameterSelection
 from hf_ggda.scores import GROUP_SCORE_COLUMN, GroupScores
@@ -189,6 +190,15 @@ def test_in_run_scores_equal_float64_by_hand(tmp_path: Path, accum: int) -> None
     scored = scores.to_dataset_columns(s["raw"])
     totals = dict(zip(scores.group_ids, scores.aggregated().tolist()))
     assert scored[GROUP_SCORE_COLUMN] == [totals[g] for g in s["raw"]["group_id"]]
+    # the history as card curves: running totals of the most helpful / harmful group
+    curves = history_curves(cb.history, scores.group_ids, k=1)
+    best, worst = max(totals, key=totals.get), min(totals, key=totals.get)
+    assert list(curves) == [f"in-run score of group {g} over training" for g in (best, worst)]
+    for g, curve in zip((best, worst), curves.values()):
+        assert list(curve.x) == [1.0, 3.0, 4.0]
+        assert curve.y[-1] == pytest.approx(totals[g], rel=1e-12)
+    _, images = build_attribution_card(scores, s["raw"], curves=curves)
+    assert sum(name.startswith("curve_") for name in images) == 2
 
 
 def test_steps_all_scores_every_step_against_the_latest_capture(tmp_path: Path) -> None:
@@ -289,3 +299,40 @@ def _run_with(cb: GGDACallback, s: dict[str, Any], tokenised: Dataset, out: Path
                       data_collator=cb.data_collator(DataCollatorWithPadding(s["tok"])),
                       callbacks=[cb])
     trainer.train()
+
+
+def _two_process_worker(out_dir: str) -> None:
+    from hf_ggda.integrations.distributed import rank_and_world
+
+    torch.set_num_threads(1)  # forked after the parent used torch's thread pool
+    rank, world = rank_and_world()
+    s = _setup()
+    run = _train(s, Path(out_dir) / "run", "group_id", dict(every=2),
+                 average_tokens_across_devices=False)
+    cb = run["cb"]
+    torch.save({"world": world, "scores": cb.in_run_scores.matrix,
+                "history": cb.in_run.history_matrix(),
+                "rows": [r.rows for r in cb.history]}, Path(out_dir) / f"rank{rank}.pt")
+
+
+def test_two_processes_equal_one(tmp_path: Path) -> None:
+    """2 CPU processes (gloo, DDP) of batch 4 = 1 process of batch 8: the same rows per step
+    and the averaged gradient, so the same in-run scores (each process's share ÷ world).
+    Token averaging across devices is off: with it, transformers multiplies the loss of a
+    model that ignores ``num_items_in_batch`` by the process count, so the two runs would
+    train differently (in-run capture follows the gradient actually used either way)."""
+    from accelerate import debug_launcher
+
+    s = _setup()
+    single = _train(s, tmp_path / "single", "group_id", dict(every=2),
+                    per_device_train_batch_size=2 * BATCH,
+                    average_tokens_across_devices=False)["cb"]
+    debug_launcher(_two_process_worker, args=(str(tmp_path),), num_processes=2)
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert got["world"] == 2
+        assert got["rows"] == [r.rows for r in single.history] == [2 * BATCH] * 3
+        torch.testing.assert_close(got["history"], single.in_run.history_matrix(),
+                                   rtol=1e-6, atol=0)
+        torch.testing.assert_close(got["scores"], single.in_run_scores.matrix,
+                                   rtol=1e-6, atol=0)

@@ -35,17 +35,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Sequence
 
-import numpy as np
 import torch
 from datasets import Dataset
 
 from ..errors import MissingColumnError
-from ..gradients import EngineConfig, GradientEngine
+from ..gradients import EngineConfig, GradientCollector, GradientEngine
 from ..gradients.hooks import TrackedLayer
 from ..logging import get_logger
 from ..params import SelectionSpec
 from ..scores import GroupScores
 from ..tasks import AttributionTask
+from .cards import Curve
 from .distributed import all_reduce_sum, rank_and_world
 
 logger = get_logger(__name__)
@@ -166,6 +166,7 @@ class InRunCapture:
         self.group_ids, self.group_column = list(group_ids), group_column
         self.slot_of = {g: i for i, g in enumerate(self.group_ids)}
         self.engine: Optional[GradientEngine] = None
+        self.collector: Optional[GradientCollector] = None
         self.history: list[CaptureRecord] = []
         self.total: Optional[torch.Tensor] = None
         self._u: Optional[torch.Tensor] = None
@@ -214,6 +215,7 @@ class InRunCapture:
                              f"{len(collector.fallback)} selected parameters lie outside them "
                              f"({collector.fallback[:3]}...). Select layer weights only.")
         self.collector = collector
+        self.history, self._u, self._u_step = [], None, -1  # a new run starts a new history
         self.total = torch.zeros(len(self.group_ids), dtype=self.engine.dtype,
                                  device=self.engine.device)
         for index, layer in enumerate(collector.tracked):
@@ -235,6 +237,7 @@ class InRunCapture:
                 raise RuntimeError("A training batch reached the model without group slots: "
                                    "pass data_collator=callback.data_collator(collator).")
             a = inputs[0].detach()
+            assert self.collector is not None
             if a.shape[0] != slots.shape[0]:
                 raise RuntimeError(f"Layer {self.collector.tracked[index].name!r} got inputs "
                                    f"of leading size {a.shape[0]} for a batch of "
@@ -248,6 +251,7 @@ class InRunCapture:
         """Add uᵀ g_row of layer ``index`` for every row into the step buffer (no return value:
         the gradient flowing on is untouched)."""
         assert self._u is not None and self._step_buffer is not None
+        assert self.collector is not None
         with torch.no_grad():
             view: TrackedLayer = self.collector.views[index]
             dtype = self._u.dtype
@@ -342,17 +346,17 @@ class InRunCapture:
         self._close_record()
         self.history = [r for r in self.history if r.steps or r.rows]
         self.stop()
-        config = {"attributor_type": "tracin_in_run", "every": self.every,
-                  "steps": self.steps, "factorised_dim": self.config.factorised_dim,
-                  "selection": self.engine.selection.how,
-                  "captures": [r.weights_step for r in self.history],
-                  "scored_steps": [s for r in self.history for s in r.steps],
-                  "gradient": "raw (unclipped) gradient of the Trainer's loss",
-                  "learning_rates": [lr for r in self.history for lr in r.learning_rates]}
-        ids = np.asarray(self.group_ids)
+        scored = [s for r in self.history for s in r.steps]
+        config: dict[str, Any] = {
+            "attributor_type": "tracin_in_run", "every": self.every, "steps": self.steps,
+            "factorised_dim": self.config.factorised_dim,
+            "selection": self.engine.selection.how,
+            "captures": [r.weights_step for r in self.history], "scored_steps": scored,
+            "gradient": "raw (unclipped) gradient of the Trainer's loss",
+            "learning_rates": [lr for r in self.history for lr in r.learning_rates]}
         seen = int(sum(r.rows for r in self.history))
         logger.info("In-run TracIn: %d captures, %d scored steps, %d rows, %d groups.",
-                    len(self.history), len(config["scored_steps"]), seen, len(ids))
+                    len(self.history), len(scored), seen, len(self.group_ids))
         return GroupScores(self.total[None, :].detach().cpu().clone(), self.group_ids, ["all"],
                            config=config, query_mode="sum", group_column=self.group_column,
                            fingerprints={"eval_dataset": self.eval_dataset._fingerprint})
@@ -360,3 +364,32 @@ class InRunCapture:
     def history_matrix(self) -> torch.Tensor:
         """(captures, K) per-capture contributions (rows sum to the scores)."""
         return torch.tensor([r.scores for r in self.history], dtype=torch.float64)
+
+
+def history_curves(history: Sequence[CaptureRecord], group_ids: Sequence[Any],
+                   k: int = 2) -> dict[str, Curve]:
+    """Cumulative in-run score over the training steps of the ``k`` most helpful and the
+    ``k`` most harmful groups, as curves for :func:`~hf_ggda.integrations.cards.
+    write_attribution_card` (``curves=``): which groups helped or hurt when.
+
+    Args:
+        history: ``callback.history``.
+        group_ids: The score columns (``callback.in_run_scores.group_ids``).
+        k: Groups per side.
+
+    Returns:
+        {title: Curve} with x = the last step each capture scored, y = the running total.
+
+    Raises:
+        ValueError: An empty history, or records that do not have one score per group.
+    """
+    kept = [r for r in history if r.steps]
+    if not kept or any(len(r.scores) != len(group_ids) for r in kept):
+        raise ValueError("history_curves needs captures with one score per group.")
+    running = torch.tensor([r.scores for r in kept], dtype=torch.float64).cumsum(0)
+    order = torch.argsort(running[-1], descending=True, stable=True).tolist()
+    picked = order[:k] + [i for i in order[::-1][:k] if i not in order[:k]]
+    steps = [float(r.steps[-1]) for r in kept]
+    return {f"in-run score of group {group_ids[i]} over training": Curve(
+        steps, running[:, i].tolist(), xlabel="optimizer step",
+        ylabel="cumulative in-run TracIn score") for i in picked}

@@ -13,7 +13,8 @@ runs an attribution when training ends and saves the scores and the scored data:
 
 The learning rate of step N is the one logged at step N in ``state.log_history`` (what
 ``trainer_state.json`` holds), else the optimizer's rate read just after step N's update
-(before the scheduler moves it), else the last one logged before N.
+(before the scheduler moves it), else the last one logged before N. With ``in_run=True`` it
+also scores groups inside the Trainer's own passes (:mod:`hf_ggda.integrations.in_run`).
 """
 
 from __future__ import annotations
