@@ -11,12 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
-from transformers import (
-    DataCollatorWithPadding,
-    Trainer,
-    TrainerCallback,
-    TrainingArguments,
-)
+from transformers import (DataCollatorForLanguageModeling, DataCollatorWithPadding, Trainer,
+                          TrainerCallback, TrainingArguments)
 
 from hf_ggda.attributors import TracIn, TracInConfig
 from hf_ggda.errors import MissingColumnError
@@ -26,8 +22,8 @@ from hf_ggda.integrations.in_run import ROW_COLUMN, SLOT_KEY, history_curves, wi
 from hf_ggda.integrations.trainer import HISTORY_NAME, IN_RUN_DIR, GGDACallback
 from hf_ggda.params import ParameterSelection
 from hf_ggda.scores import GROUP_SCORE_COLUMN, GroupScores
-from hf_ggda.tasks import SequenceClassificationTask
-from hf_ggda.testing import tiny_lora, tiny_tokenizer, toy_dataset
+from hf_ggda.tasks import CausalLMTask, SequenceClassificationTask
+from hf_ggda.testing import tiny_lora, tiny_model, tiny_tokenizer, toy_dataset
 
 BATCH, STEPS = 4, 4
 
@@ -108,9 +104,10 @@ def _train(s: dict[str, Any], out: Path, column: Optional[str], callback_kwargs:
     tokenised = task.prepare(s["raw"])
     if column == ROW_COLUMN:  # point mode: the Trainer's rows carry their positions
         tokenised = with_row_index(tokenised)
-    tokenised = tokenised.select_columns([*task.feature_columns] + ([column] if column else []))
+    features = list(s.get("features", task.feature_columns))
+    tokenised = tokenised.select_columns(features + ([column] if column else []))
     snaps, callbacks = Snapshots(), []
-    collator: Callable[[list[Any]], Any] = DataCollatorWithPadding(tok)
+    collator: Callable[[list[Any]], Any] = s.get("collator") or DataCollatorWithPadding(tok)
     cb = None
     if callback_kwargs is not None:
         cb = GGDACallback(in_run=True, task=task, train_dataset=tokenised,
@@ -119,7 +116,8 @@ def _train(s: dict[str, Any], out: Path, column: Optional[str], callback_kwargs:
         collator, callbacks = cb.data_collator(collator), [cb]
     recorder = Recorder(collator)
     trainer = Trainer(model=s["model"], args=_args(out, **args), train_dataset=tokenised,
-                      data_collator=recorder, callbacks=callbacks + [snaps])
+                      data_collator=recorder, callbacks=callbacks + [snaps],
+                      compute_loss_func=s.get("compute_loss_func"))
     trainer.train()
     return {"cb": cb, "trainer": trainer, "batches": recorder.batches,
             "weights": snaps.weights, "grads": snaps.grads, "train": train}
@@ -130,17 +128,32 @@ def _flat_grad(loss: torch.Tensor, params: list[torch.nn.Parameter]) -> torch.Te
                                                                  retain_graph=True)])
 
 
-def _by_hand(s: dict[str, Any], run: dict[str, Any], accum: int) -> torch.Tensor:
+RowTerms = Callable[[torch.nn.Module, dict[str, torch.Tensor], list[dict[str, Any]]],
+                    torch.Tensor]
+
+
+def _classifier_terms(divisor: int) -> RowTerms:
+    """Each row's term of the Trainer's loss of a classifier micro-batch: the model's mean CE,
+    divided by the accumulation steps unless the model takes loss kwargs (then transformers
+    leaves it undivided)."""
+    def terms(model: torch.nn.Module, b: dict[str, torch.Tensor], step: list[Any]
+              ) -> torch.Tensor:
+        inputs = {k: v for k, v in b.items() if k not in (SLOT_KEY, "labels")}
+        ce = F.cross_entropy(model(**inputs).logits, b["labels"], reduction="none")
+        return ce / len(ce) / divisor
+    return terms
+
+
+def _by_hand(s: dict[str, Any], run: dict[str, Any], accum: int,
+             terms: Optional[RowTerms] = None, selection: Any = "auto") -> torch.Tensor:
     """float64 autograd: Σ over the scored steps t of η_t uᵀ g_G,t, with u the summed eval
     loss gradient at the capture's weights and g_G,t the gradient of the Trainer's loss of
-    step t, at the weights θ_(t-1), restricted to G's rows. The Trainer's loss of a
-    micro-batch is the model's mean CE, divided by the accumulation steps unless the model
-    takes loss kwargs (then transformers leaves it undivided); checked here against the
-    gradient the Trainer really accumulated (clipping off)."""
+    step t, at the weights θ_(t-1), restricted to G's rows (``terms``: each row's term of
+    that loss), checked against the gradient the Trainer really accumulated (no clipping)."""
     cb, task, trainer = run["cb"], s["task"], run["trainer"]
-    divisor = 1 if trainer.model_accepts_loss_kwargs else accum
+    terms = terms or _classifier_terms(1 if trainer.model_accepts_loss_kwargs else accum)
     model = copy.deepcopy(s["model"]).double().eval()
-    names = ParameterSelection.resolve(model, "auto").names
+    names = ParameterSelection.resolve(model, selection).names
     params = [dict(model.named_parameters())[n] for n in names]
     ev = task.prepare(s["eval"]).select_columns(list(task.feature_columns))
     ev_batch = task.collate(ev[:])
@@ -151,12 +164,11 @@ def _by_hand(s: dict[str, Any], run: dict[str, Any], accum: int) -> torch.Tensor
         for step, lr in zip(record.steps, record.learning_rates):
             model.load_state_dict(run["weights"][step - 1], strict=False)
             step_grad = torch.zeros_like(u)
-            for b in run["batches"][(step - 1) * accum:step * accum]:
-                inputs = {k: v for k, v in b.items() if k not in (SLOT_KEY, "labels")}
-                ce = F.cross_entropy(model(**inputs).logits, b["labels"], reduction="none")
+            batches = run["batches"][(step - 1) * accum:step * accum]
+            for b in batches:
+                rows = terms(model, b, batches)
                 for slot in b[SLOT_KEY].unique().tolist():
-                    mine = ce[b[SLOT_KEY] == slot].sum() / len(ce) / divisor
-                    g = _flat_grad(mine, params)
+                    g = _flat_grad(rows[b[SLOT_KEY] == slot].sum(), params)
                     step_grad += g
                     total[slot] += lr * float(u @ g)
             trained = torch.cat([run["grads"][step][n].reshape(-1) for n in names])
@@ -211,6 +223,52 @@ def test_steps_all_scores_every_step_against_the_latest_capture(tmp_path: Path) 
     # step 2's gradient (at θ_1) is scored against u(θ_0)
     torch.testing.assert_close(cb.in_run_scores.matrix[0], _by_hand(s, run, 1),
                                rtol=1e-6, atol=0)
+
+
+def _causal_terms(shifted: bool) -> RowTerms:
+    """Each row's term of the Trainer's causal-LM loss: its summed next-token CE over the
+    number of target tokens of the step (transformers' ``num_items_in_batch``, which counts
+    ``labels[..., 1:]`` only when it recognises the model's loss as a shifting one)."""
+    def terms(model: torch.nn.Module, b: dict[str, torch.Tensor],
+              step: list[dict[str, Any]]) -> torch.Tensor:
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        ce = F.cross_entropy(logits[:, :-1].transpose(1, 2), b["labels"][:, 1:],
+                             reduction="none", ignore_index=-100)
+        items = sum(int((x["labels"][:, 1:] if shifted else x["labels"]).ne(-100).sum())
+                    for x in step)
+        return ce.sum(1) / items
+    return terms
+
+
+def _lm_loss(outputs: Any, labels: torch.Tensor, num_items_in_batch: Any) -> torch.Tensor:
+    """transformers' causal-LM loss without its float32 upcast (the test stays in float64)."""
+    ce = F.cross_entropy(outputs.logits[:, :-1].transpose(1, 2), labels[:, 1:],
+                         reduction="sum", ignore_index=-100)
+    return ce / num_items_in_batch
+
+
+def test_conv1d_layers_of_a_causal_lm_equal_float64_by_hand(tmp_path: Path) -> None:
+    """GPT-2 (Conv1D, W stored as (in, out)), full fine-tuning, a token-averaged loss over the
+    accumulated micro-batches (a ``compute_loss_func``); the attributed weights and a bias
+    sit in Conv1D layers."""
+    tok = tiny_tokenizer("causal")
+    model = _no_dropout(tiny_model("gpt2", tok.vocab_size, seed=3)).double()
+    raw = toy_dataset(16, seed=4)
+    s = {"tok": tok, "model": model, "task": CausalLMTask(tok, max_length=16),
+         "raw": raw.add_column("group_id", [i % 5 for i in range(len(raw))]),
+         "eval": toy_dataset(5, seed=9), "features": ("input_ids", "attention_mask"),
+         "collator": DataCollatorForLanguageModeling(tok, mlm=False),
+         "compute_loss_func": _lm_loss}
+    selection = ["*c_attn.weight", "*mlp.c_fc.weight", "*mlp.c_proj.bias"]
+    run = _train(s, tmp_path, "group_id", dict(every=2, selection=selection),
+                 gradient_accumulation_steps=2, label_names=None)
+    cb = run["cb"]
+    assert cb.in_run.collector.tracked and all(t.transposed for t in cb.in_run.collector.tracked)
+    assert [r.steps for r in cb.history] == [[1], [3], [4]]
+    shifted = bool(getattr(run["trainer"], "_loss_shifts_labels", True))
+    expected = _by_hand(s, run, 2, _causal_terms(shifted), selection)
+    assert float(expected.abs().min()) > 0
+    torch.testing.assert_close(cb.in_run_scores.matrix[0], expected, rtol=1e-6, atol=0)
 
 
 def test_training_is_bit_identical_with_and_without_capture(tmp_path: Path) -> None:
