@@ -411,3 +411,28 @@ def test_bf16_mixed_precision_trains_the_same_and_scores_close_to_fp32(tmp_path:
     assert got.dtype == torch.float32 and bool(torch.isfinite(got).all())
     assert not torch.equal(got, ref)  # bf16 passes really ran
     torch.testing.assert_close(got, ref, rtol=0.03, atol=0.01 * float(ref.abs().max()))
+
+
+def test_per_evaluation_group_scores_are_the_scores_of_each_group_alone(tmp_path: Path
+                                                                       ) -> None:
+    """eval_group_column: one u per evaluation group (m × K, query mode "groups"); each row
+    equals a run scored against that group's rows alone, and the rows sum to the whole set."""
+    s = _setup()
+    s["eval"] = s["eval"].add_column("topic", ["b", "a", "b", "a", "a"])
+    grouped = _train(s, tmp_path / "grouped", "group_id",
+                     dict(every=2, eval_group_column="topic"))["cb"]
+    scores = grouped.in_run_scores
+    assert scores.query_mode == "groups" and scores.query_ids == ["a", "b"]
+    assert scores.query_group_column == "topic" and tuple(scores.matrix.shape) == (2, 3)
+    assert len(grouped.history[0].query_scores) == 2
+    whole = _train(_setup(), tmp_path / "whole", "group_id", dict(every=2))["cb"]
+    torch.testing.assert_close(scores.matrix.sum(0), whole.in_run_scores.matrix[0],
+                               rtol=1e-9, atol=0)
+    torch.testing.assert_close(grouped.in_run.history_matrix(), whole.in_run.history_matrix(),
+                               rtol=1e-9, atol=0)
+    for i, topic in enumerate(scores.query_ids):
+        alone = _setup()
+        alone["eval"] = s["eval"].filter(lambda r, t=topic: r["topic"] == t)
+        one = _train(alone, tmp_path / topic, "group_id", dict(every=2))["cb"]
+        torch.testing.assert_close(scores.matrix[i], one.in_run_scores.matrix[0],
+                                   rtol=1e-9, atol=0)

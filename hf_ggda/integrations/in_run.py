@@ -119,7 +119,9 @@ class CaptureRecord:
         steps: The optimizer steps scored against this u.
         learning_rates: η of each of those steps.
         rows: Training rows seen in those steps (on all processes).
-        scores: (K,) this capture's contribution to the scores.
+        scores: (K,) this capture's contribution to the scores (summed over evaluation
+            groups).
+        query_scores: (m, K) contributions per evaluation group (None without groups).
     """
 
     weights_step: int
@@ -127,6 +129,7 @@ class CaptureRecord:
     learning_rates: list[float]
     rows: int
     scores: list[float]
+    query_scores: Optional[list[list[float]]] = None
 
 
 class InRunCapture:
@@ -143,15 +146,19 @@ class InRunCapture:
         selection: Parameters to attribute (the engine's spec; ``"auto"``: PEFT adapters or
             the trainable ones). They must all sit in Linear / Conv1D layers.
         engine_config: Settings of the u pass (batch size, ``factorised_dim``).
+        eval_group_column: Column of ``eval_dataset``: one u per evaluation group (scores
+            m × K, query mode ``"groups"``) instead of one for the whole set.
 
     Raises:
         ValueError: ``every`` < 1, unknown ``steps``, or a dense ``projection_dim``.
+        MissingColumnError: ``eval_group_column`` is not a column of ``eval_dataset``.
     """
 
     def __init__(self, task: AttributionTask, eval_dataset: Dataset, group_ids: Sequence[Any],
                  group_column: str, every: int = 1, steps: str = "capture",
                  selection: SelectionSpec = "auto",
-                 engine_config: Optional[EngineConfig] = None) -> None:
+                 engine_config: Optional[EngineConfig] = None,
+                 eval_group_column: Optional[str] = None) -> None:
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}.")
         if steps not in ("capture", "all"):
@@ -162,7 +169,14 @@ class InRunCapture:
                              "not projection_dim.")
         self.task, self.every, self.steps, self.selection = task, every, steps, selection
         self.config = config
-        self.eval_dataset = eval_dataset.add_column(_EVAL_GROUP, [0] * len(eval_dataset))
+        if eval_group_column is not None and eval_group_column not in eval_dataset.column_names:
+            raise MissingColumnError(eval_group_column, eval_dataset.column_names,
+                                     role="evaluation group column")
+        self.eval_group_column = eval_group_column
+        self.eval_column = eval_group_column or _EVAL_GROUP
+        self.eval_dataset = eval_dataset if eval_group_column else \
+            eval_dataset.add_column(_EVAL_GROUP, [0] * len(eval_dataset))
+        self.eval_ids: list[Any] = ["all"]
         self.group_ids, self.group_column = list(group_ids), group_column
         self.slot_of = {g: i for i, g in enumerate(self.group_ids)}
         self.engine: Optional[GradientEngine] = None
@@ -171,7 +185,8 @@ class InRunCapture:
         self.total: Optional[torch.Tensor] = None
         self._u: Optional[torch.Tensor] = None
         self._u_step = -1
-        self._step_buffer: Optional[torch.Tensor] = None
+        self._part: Optional[torch.Tensor] = None  # (m, K) of the open capture
+        self._step_buffer: Optional[torch.Tensor] = None  # (K, m) of the armed step
         self._step_rows = 0
         self._armed = False
         self._slots: Optional[torch.Tensor] = None
@@ -216,8 +231,7 @@ class InRunCapture:
                              f"({collector.fallback[:3]}...). Select layer weights only.")
         self.collector = collector
         self.history, self._u, self._u_step = [], None, -1  # a new run starts a new history
-        self.total = torch.zeros(len(self.group_ids), dtype=self.engine.dtype,
-                                 device=self.engine.device)
+        self.total, self._part = None, None
         for index, layer in enumerate(collector.tracked):
             self._handles.append(layer.module.register_forward_hook(self._layer_hook(index)))
 
@@ -259,15 +273,18 @@ class InRunCapture:
             bsz = a.shape[0]
             a = a.reshape(bsz, -1, a.shape[-1])
             go = go.reshape(bsz, -1, go.shape[-1])
-            rows = torch.zeros(bsz, dtype=dtype, device=a.device)
+            u, m = self._u, self._u.shape[0]
+            rows = torch.zeros(bsz, m, dtype=dtype, device=a.device)
             if view.weight is not None:
-                u_w = self._u[view.weight[0]:view.weight[1]]
+                u_w = u[:, view.weight[0]:view.weight[1]]
                 if view.transposed:  # Conv1D: W is (in, out), y = a W
-                    rows += ((a @ u_w.view(a.shape[-1], go.shape[-1])) * go).sum((1, 2))
+                    rows += torch.einsum("bti,mio,bto->bm", a,
+                                         u_w.view(m, a.shape[-1], go.shape[-1]), go)
                 else:  # y = a Wᵀ, W is (out, in)
-                    rows += ((a @ u_w.view(go.shape[-1], a.shape[-1]).T) * go).sum((1, 2))
+                    rows += torch.einsum("bti,moi,bto->bm", a,
+                                         u_w.view(m, go.shape[-1], a.shape[-1]), go)
             if view.bias is not None:
-                rows += go.sum(1) @ self._u[view.bias[0]:view.bias[1]]
+                rows += go.sum(1) @ u[:, view.bias[0]:view.bias[1]].T
             self._step_buffer.index_add_(0, slots.to(rows.device), rows)
 
     # -- the schedule --------------------------------------------------------------------------
@@ -283,60 +300,66 @@ class InRunCapture:
             self._close_record()
             self._u = self._eval_gradient(model)
             self._u_step = weights_step
+            self._part = torch.zeros(self._u.shape[0], len(self.group_ids),
+                                     dtype=self._u.dtype, device=self._u.device)
+            if self.total is None:
+                self.total = torch.zeros_like(self._part)
             self.history.append(CaptureRecord(weights_step, [], [], 0, []))
         self._armed = self._u is not None and (self.steps == "all" or
                                                self._u_step == weights_step)
         if self._armed:
             assert self._u is not None
-            self._step_buffer = torch.zeros(len(self.group_ids), dtype=self._u.dtype,
-                                            device=self._u.device)
+            self._step_buffer = torch.zeros(len(self.group_ids), self._u.shape[0],
+                                            dtype=self._u.dtype, device=self._u.device)
             self._step_rows = 0
 
     def step_end(self, step: int, learning_rate: float) -> None:
         """After optimizer step ``step`` (learning rate ``learning_rate``): bank its scores."""
         if not self._armed:
             return
-        assert self._step_buffer is not None and self.history
+        assert self._step_buffer is not None and self._part is not None and self.history
         record = self.history[-1]
         record.steps.append(step)
         record.learning_rates.append(learning_rate)
         record.rows += self._step_rows
-        scaled = learning_rate * self._step_buffer
-        record.scores = (torch.tensor(record.scores, dtype=scaled.dtype, device=scaled.device)
-                         + scaled).tolist() if record.scores else scaled.tolist()
+        self._part += learning_rate * self._step_buffer.T
         self._armed, self._step_buffer = False, None
 
     def _close_record(self) -> None:
         """Sum the last capture over processes (÷ world: the update averages their
         gradients) and add it to the total."""
-        if not self.history or self.total is None:
+        if not self.history or self.total is None or self._part is None:
             return
         record = self.history[-1]
         _, world = rank_and_world()
-        part = torch.tensor(record.scores or [0.0] * len(self.group_ids),
-                            dtype=self.total.dtype, device=self.total.device)
         rows = torch.tensor([float(record.rows)], dtype=self.total.dtype,
                             device=self.total.device)
-        part, rows = all_reduce_sum(part) / world, all_reduce_sum(rows)
-        record.scores, record.rows = part.tolist(), int(rows.item())
+        part, rows = all_reduce_sum(self._part) / world, all_reduce_sum(rows)
+        record.scores, record.rows = part.sum(0).tolist(), int(rows.item())
+        if self.eval_group_column is not None:
+            record.query_scores = part.tolist()
         self.total += part
+        self._part = None
 
     def _eval_gradient(self, model: torch.nn.Module) -> torch.Tensor:
-        """u: the gradient of the summed evaluation measurement at the current weights."""
+        """u: (m, p) gradients of the evaluation measurement summed over each evaluation
+        group (m = 1 without groups) at the current weights."""
         assert self.engine is not None
         was_training = model.training
         model.eval()
         try:
-            grads = self.engine.group_gradients(self.eval_dataset, _EVAL_GROUP,
+            grads = self.engine.group_gradients(self.eval_dataset, self.eval_column,
                                                 fn="measurement")
         finally:
             model.train(was_training)
-        return grads.gradients[0].detach().clone()
+        if self.eval_group_column is not None:
+            self.eval_ids = list(grads.group_ids)
+        return grads.gradients.detach().clone()
 
     # -- results -------------------------------------------------------------------------------
     def finish(self) -> GroupScores:
-        """Close the last capture, remove the hooks and return the scores (one summed
-        evaluation set: query mode ``"sum"``).
+        """Close the last capture, remove the hooks and return the scores (query mode
+        ``"sum"`` for one summed evaluation set, ``"groups"`` per evaluation group).
 
         Raises:
             RuntimeError: Training never started.
@@ -357,8 +380,11 @@ class InRunCapture:
         seen = int(sum(r.rows for r in self.history))
         logger.info("In-run TracIn: %d captures, %d scored steps, %d rows, %d groups.",
                     len(self.history), len(scored), seen, len(self.group_ids))
-        return GroupScores(self.total[None, :].detach().cpu().clone(), self.group_ids, ["all"],
-                           config=config, query_mode="sum", group_column=self.group_column,
+        grouped = self.eval_group_column is not None
+        return GroupScores(self.total.detach().cpu().clone(), self.group_ids, self.eval_ids,
+                           config=config, query_mode="groups" if grouped else "sum",
+                           group_column=self.group_column,
+                           query_group_column=self.eval_group_column,
                            fingerprints={"eval_dataset": self.eval_dataset._fingerprint})
 
     def history_matrix(self) -> torch.Tensor:

@@ -213,6 +213,7 @@ class GGDACallback(TrainerCallback):
         selection: Parameters in-run capture attributes (the engine's spec).
         in_run_config: Engine settings of the evaluation pass (batch size,
             ``factorised_dim``).
+        eval_group_column: Score per evaluation group (m × K) instead of the summed set.
 
     Raises:
         ValueError: ``query_dataset`` without ``task`` / ``train_dataset``, ``in_run``
@@ -230,7 +231,8 @@ class GGDACallback(TrainerCallback):
                  self_influence: bool = False, in_run: bool = False,
                  eval_dataset: Optional[Dataset] = None, every: int = 1,
                  in_run_steps: str = "capture", selection: SelectionSpec = "auto",
-                 in_run_config: Optional[EngineConfig] = None) -> None:
+                 in_run_config: Optional[EngineConfig] = None,
+                 eval_group_column: Optional[str] = None) -> None:
         if query_dataset is not None and (task is None or train_dataset is None):
             raise ValueError("End-of-training attribution needs task=, train_dataset= (raw "
                              "rows) and query_dataset=.")
@@ -238,7 +240,8 @@ class GGDACallback(TrainerCallback):
         self.in_run_scores: Optional[GroupScores] = None
         if in_run:
             self.in_run = _in_run_capture(task, train_dataset, eval_dataset, group_column,
-                                          every, in_run_steps, selection, in_run_config)
+                                          every, in_run_steps, selection, in_run_config,
+                                          eval_group_column)
         if train_dataset is not None and grouper is None and \
                 not (in_run and query_dataset is None) and \
                 group_column not in train_dataset.column_names:
@@ -481,8 +484,8 @@ def _model(kwargs: Mapping[str, Any]) -> torch.nn.Module:
 
 def _in_run_capture(task: Optional[AttributionTask], train: Optional[Dataset],
                     eval_dataset: Optional[Dataset], group_column: str, every: int,
-                    steps: str, selection: SelectionSpec,
-                    config: Optional[EngineConfig]) -> InRunCapture:
+                    steps: str, selection: SelectionSpec, config: Optional[EngineConfig],
+                    eval_group_column: Optional[str]) -> InRunCapture:
     """The capture state: groups from ``train``'s ``group_column`` (sorted), else point mode
     over its :data:`~.in_run.ROW_COLUMN`."""
     if task is None or train is None or eval_dataset is None:
@@ -496,4 +499,5 @@ def _in_run_capture(task: Optional[AttributionTask], train: Optional[Dataset],
         raise MissingColumnError(group_column, train.column_names, role=(
             "group column for in-run capture (or add row positions with "
             "hf_ggda.integrations.in_run.with_row_index for point mode)"))
-    return InRunCapture(task, eval_dataset, ids, group_column, every, steps, selection, config)
+    return InRunCapture(task, eval_dataset, ids, group_column, every, steps, selection, config,
+                        eval_group_column)
