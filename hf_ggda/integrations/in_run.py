@@ -276,13 +276,15 @@ class InRunCapture:
             u, m = self._u, self._u.shape[0]
             rows = torch.zeros(bsz, m, dtype=dtype, device=a.device)
             if view.weight is not None:
+                d_in, d_out = a.shape[-1], go.shape[-1]
                 u_w = u[:, view.weight[0]:view.weight[1]]
+                # (d_in, m·d_out): every u's weight block as a map of the layer input
                 if view.transposed:  # Conv1D: W is (in, out), y = a W
-                    rows += torch.einsum("bti,mio,bto->bm", a,
-                                         u_w.view(m, a.shape[-1], go.shape[-1]), go)
+                    u_in = u_w.reshape(m, d_in, d_out).permute(1, 0, 2).reshape(d_in, m * d_out)
                 else:  # y = a Wᵀ, W is (out, in)
-                    rows += torch.einsum("bti,moi,bto->bm", a,
-                                         u_w.view(m, go.shape[-1], a.shape[-1]), go)
+                    u_in = u_w.reshape(m * d_out, d_in).T
+                mapped = (a @ u_in).view(bsz, a.shape[1], m, d_out)
+                rows += (mapped * go[:, :, None, :]).sum((1, 3))
             if view.bias is not None:
                 rows += go.sum(1) @ u[:, view.bias[0]:view.bias[1]].T
             self._step_buffer.index_add_(0, slots.to(rows.device), rows)
