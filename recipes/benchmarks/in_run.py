@@ -83,8 +83,55 @@ def _post_hoc(args: argparse.Namespace, data: Any, out: str) -> dict[str, Any]:
             "post_hoc_seconds": time.perf_counter() - start}
 
 
+def run(rows: int = 1024, eval_rows: int = 128, groups: int = 64, every: int = 10,
+        batch_size: int = 16, steps: Optional[int] = None, post_hoc: bool = False
+        ) -> dict[str, Any]:
+    """Train three (or four) times and return the time ratios and the weight check.
+
+    Raises:
+        ModuleNotFoundError: The MiniLM or BBC News packages are not installed.
+    """
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    from hf_ggda.data import load_bbc_news, load_minilm_classifier
+    from hf_ggda.grouping import get_grouper
+    from hf_ggda.tasks import SequenceClassificationTask
+
+    args = argparse.Namespace(every=every, batch_size=batch_size,
+                              steps=steps or rows // batch_size)
+    hf_logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    split = load_bbc_news(limit=rows + eval_rows, seed=0).train_test_split(
+        test_size=eval_rows, seed=0)
+    raw = get_grouper("random", num_groups=groups, seed=0).assign(split["train"])
+    _, tok = load_minilm_classifier(num_labels=5, lora_r=8, seed=0)
+    task = SequenceClassificationTask(tok, max_length=64)
+    tokenised = task.prepare(raw).select_columns([*task.feature_columns, "group_id"])
+    data = {"train_raw": raw, "train_tokenised": tokenised, "eval": split["test"]}
+    with tempfile.TemporaryDirectory() as tmp:
+        plain = _train(args, data, None, os.path.join(tmp, "plain"))
+        capture = _train(args, data, "capture", os.path.join(tmp, "capture"))
+        every_step = _train(args, data, "all", os.path.join(tmp, "all"))
+        post = _post_hoc(args, data, os.path.join(tmp, "post")) if post_hoc else {}
+    same = all(torch.equal(plain["weights"][n], run["weights"][n])
+               for run in (capture, every_step) for n in plain["weights"])
+    result = {
+        "rows": rows, "eval_rows": eval_rows, "groups": groups, "every": every,
+        "steps": args.steps, "batch_size": batch_size,
+        "captures": len(capture["callback"].history),
+        "train_seconds_plain": round(plain["seconds"], 2),
+        "ratio_capture": round(capture["seconds"] / plain["seconds"], 3),
+        "ratio_all_steps": round(every_step["seconds"] / plain["seconds"], 3),
+        "weights_bit_identical": same,
+        **({"post_hoc_checkpoints": post["checkpoints"],
+            "ratio_post_hoc_tracin": round(post["post_hoc_seconds"] / plain["seconds"], 3)}
+           if post else {})}
+    return result
+
+
 def main() -> None:
-    """Run the benchmark and print (or write) the ratios."""
+    """Parse the arguments, run the benchmark and print (or write) the ratios."""
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=1024, help="BBC training articles.")
@@ -99,47 +146,13 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.rows, args.eval_rows, args.groups, args.every, args.steps = 64, 16, 8, 2, 4
-    args.steps = args.steps or args.rows // args.batch_size
-
-    import datasets
-    from transformers.utils import logging as hf_logging
-
-    from hf_ggda.data import load_bbc_news, load_minilm_classifier
-    from hf_ggda.grouping import get_grouper
-    from hf_ggda.tasks import SequenceClassificationTask
-
-    hf_logging.disable_progress_bar()
-    datasets.disable_progress_bars()
-    rows = load_bbc_news(limit=args.rows + args.eval_rows, seed=0)
-    split = rows.train_test_split(test_size=args.eval_rows, seed=0)
-    raw = get_grouper("random", num_groups=args.groups, seed=0).assign(split["train"])
-    _, tok = load_minilm_classifier(num_labels=5, lora_r=8, seed=0)
-    task = SequenceClassificationTask(tok, max_length=64)
-    tokenised = task.prepare(raw).select_columns([*task.feature_columns, "group_id"])
-    data = {"train_raw": raw, "train_tokenised": tokenised, "eval": split["test"]}
-    with tempfile.TemporaryDirectory() as tmp:
-        plain = _train(args, data, None, os.path.join(tmp, "plain"))
-        capture = _train(args, data, "capture", os.path.join(tmp, "capture"))
-        every_step = _train(args, data, "all", os.path.join(tmp, "all"))
-        post = _post_hoc(args, data, os.path.join(tmp, "post")) if args.post_hoc else {}
-    same = all(torch.equal(plain["weights"][n], run["weights"][n])
-               for run in (capture, every_step) for n in plain["weights"])
-    result = {
-        "rows": args.rows, "eval_rows": args.eval_rows, "groups": args.groups,
-        "every": args.every, "steps": args.steps, "batch_size": args.batch_size,
-        "captures": len(capture["callback"].history),
-        "train_seconds_plain": round(plain["seconds"], 2),
-        "ratio_capture": round(capture["seconds"] / plain["seconds"], 3),
-        "ratio_all_steps": round(every_step["seconds"] / plain["seconds"], 3),
-        "weights_bit_identical": same,
-        **({"post_hoc_checkpoints": post["checkpoints"],
-            "ratio_post_hoc_tracin": round(post["post_hoc_seconds"] / plain["seconds"], 3)}
-           if post else {})}
+    result = run(args.rows, args.eval_rows, args.groups, args.every, args.batch_size,
+                 args.steps, args.post_hoc)
     print(json.dumps(result, indent=1))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump(result, fh, indent=1)
-    if not same:
+    if not result["weights_bit_identical"]:
         raise SystemExit("In-run capture changed the trained weights.")
 
 
