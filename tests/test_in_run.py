@@ -341,10 +341,21 @@ def test_in_run_errors(tmp_path: Path) -> None:
     cb = GGDACallback(in_run=True, task=s["task"], eval_dataset=s["eval"],
                       train_dataset=tokenised)
     collate = cb.data_collator(DataCollatorWithPadding(s["tok"]))
-    with pytest.raises(MissingColumnError, match="remove_unused_columns"):
-        collate([{k: v for k, v in tokenised[0].items() if k != "group_id"}])
+    bare = {k: v for k, v in tokenised[0].items() if k != "group_id"}
+    with pytest.raises(MissingColumnError):
+        collate([bare, tokenised[1]])
+    assert SLOT_KEY not in collate([bare])  # e.g. the Trainer's own evaluation rows
     batch = collate([tokenised[0], tokenised[1]])
     assert batch[SLOT_KEY].tolist() == [0, 1] and "group_id" not in batch
+    # the Trainer would drop the group column, or the collator was not wrapped
+    with pytest.raises(ValueError, match="remove_unused_columns=False"):
+        _run_with(cb, s, tokenised, tmp_path / "drop", remove_unused_columns=True)
+    plain = GGDACallback(in_run=True, task=s["task"], eval_dataset=s["eval"],
+                         train_dataset=tokenised)
+    with pytest.raises(RuntimeError, match="without group slots"):
+        Trainer(model=s["model"], args=_args(tmp_path / "plain"),
+                train_dataset=tokenised.remove_columns("group_id"),
+                data_collator=DataCollatorWithPadding(s["tok"]), callbacks=[plain]).train()
     # selected parameters outside linear layers cannot be split inside the hooks
     bad = GGDACallback(in_run=True, task=s["task"], eval_dataset=s["eval"],
                        train_dataset=tokenised, selection=["*word_embeddings*"])
@@ -352,8 +363,9 @@ def test_in_run_errors(tmp_path: Path) -> None:
         _run_with(bad, s, tokenised, tmp_path)
 
 
-def _run_with(cb: GGDACallback, s: dict[str, Any], tokenised: Dataset, out: Path) -> None:
-    trainer = Trainer(model=s["model"], args=_args(out), train_dataset=tokenised,
+def _run_with(cb: GGDACallback, s: dict[str, Any], tokenised: Dataset, out: Path,
+              **args: Any) -> None:
+    trainer = Trainer(model=s["model"], args=_args(out, **args), train_dataset=tokenised,
                       data_collator=cb.data_collator(DataCollatorWithPadding(s["tok"])),
                       callbacks=[cb])
     trainer.train()

@@ -80,9 +80,11 @@ class GroupCollator:
         column: The group column (or :data:`ROW_COLUMN` in point mode).
         slot_of: Map group id -> slot (column of the score vector).
 
+    Rows without ``column`` at all (the Trainer's own evaluation batches) pass through
+    without slots.
+
     Raises:
-        MissingColumnError: (when called) A row lacks ``column``; train with
-            ``remove_unused_columns=False`` so that the Trainer keeps it.
+        MissingColumnError: (when called) Some rows of a batch lack ``column``.
         KeyError: (when called) A group id was not in the training dataset.
     """
 
@@ -92,12 +94,13 @@ class GroupCollator:
 
     def __call__(self, features: list[Mapping[str, Any]]) -> Any:
         """Collate ``features`` with the inner collator and add the group slots."""
+        if not any(self.column in f for f in features):
+            return self.inner(list(features))  # not training rows: no slots
         rows, slots = [], []
         for f in features:
             if self.column not in f:
                 raise MissingColumnError(self.column, list(f), role=(
-                    "group column of the training batch (set remove_unused_columns=False in "
-                    "TrainingArguments and keep only model inputs plus this column)"))
+                    "group column of every row of a training batch"))
             value = f[self.column]
             value = value.item() if hasattr(value, "item") else value
             if value not in self.slot_of:
@@ -249,7 +252,8 @@ class InRunCapture:
             slots = self._slots
             if slots is None:
                 raise RuntimeError("A training batch reached the model without group slots: "
-                                   "pass data_collator=callback.data_collator(collator).")
+                                   "pass data_collator=callback.data_collator(collator), set "
+                                   "remove_unused_columns=False and keep the group column.")
             a = inputs[0].detach()
             assert self.collector is not None
             if a.shape[0] != slots.shape[0]:

@@ -300,6 +300,10 @@ class GGDACallback(TrainerCallback):
         if kept:
             logger.info("Resumed GGDA manifest with checkpoints %s.", [r.step for r in kept])
         if self.in_run is not None:
+            column = self.in_run.group_column
+            if args.remove_unused_columns and column not in (args.label_names or []):
+                raise ValueError(f"In-run capture needs the {column!r} column in the batches: "
+                                 "set remove_unused_columns=False in TrainingArguments.")
             if args.gradient_checkpointing or args.fp16:
                 raise ValueError("In-run capture reads the output gradients of one backward "
                                  "pass: train without gradient_checkpointing and without fp16 "
