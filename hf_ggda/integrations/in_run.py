@@ -398,6 +398,33 @@ class InRunCapture:
         return torch.tensor([r.scores for r in self.history], dtype=torch.float64)
 
 
+def build_capture(task: Optional[AttributionTask], train: Optional[Dataset],
+                  eval_dataset: Optional[Dataset], group_column: str, every: int,
+                  steps: str, selection: SelectionSpec, config: Optional[EngineConfig],
+                  eval_group_column: Optional[str]) -> InRunCapture:
+    """The capture state of ``GGDACallback(in_run=True)``: groups from ``train``'s
+    ``group_column`` (sorted), else point mode over its :data:`ROW_COLUMN`.
+
+    Raises:
+        ValueError: ``task``, ``train`` or ``eval_dataset`` missing (or as
+            :class:`InRunCapture`).
+        MissingColumnError: ``train`` has neither column.
+    """
+    if task is None or train is None or eval_dataset is None:
+        raise ValueError("in_run=True needs task=, train_dataset= (the Trainer's rows with "
+                         "the group column) and eval_dataset= (raw evaluation rows).")
+    if group_column in train.column_names:
+        ids = sorted(set(train[group_column]))
+    elif ROW_COLUMN in train.column_names:
+        group_column, ids = ROW_COLUMN, sorted(train[ROW_COLUMN])
+    else:
+        raise MissingColumnError(group_column, train.column_names, role=(
+            "group column for in-run capture (or add row positions with "
+            "hf_ggda.integrations.in_run.with_row_index for point mode)"))
+    return InRunCapture(task, eval_dataset, ids, group_column, every, steps, selection, config,
+                        eval_group_column)
+
+
 def history_curves(history: Sequence[CaptureRecord], group_ids: Sequence[Any],
                    k: int = 2) -> dict[str, Curve]:
     """Cumulative in-run score over the training steps of the ``k`` most helpful and the

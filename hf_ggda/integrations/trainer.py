@@ -40,7 +40,7 @@ from ..scores import GroupScores
 from ..store import atomic_write_bytes
 from ..tasks import GROUP_COLUMN, AttributionTask
 from .hub import save_dataset_atomic
-from .in_run import ROW_COLUMN, CaptureRecord, GroupCollator, InRunCapture
+from .in_run import CaptureRecord, GroupCollator, InRunCapture, build_capture
 
 logger = get_logger(__name__)
 
@@ -239,9 +239,9 @@ class GGDACallback(TrainerCallback):
         self.in_run: Optional[InRunCapture] = None
         self.in_run_scores: Optional[GroupScores] = None
         if in_run:
-            self.in_run = _in_run_capture(task, train_dataset, eval_dataset, group_column,
-                                          every, in_run_steps, selection, in_run_config,
-                                          eval_group_column)
+            self.in_run = build_capture(task, train_dataset, eval_dataset, group_column,
+                                        every, in_run_steps, selection, in_run_config,
+                                        eval_group_column)
         if train_dataset is not None and grouper is None and \
                 not (in_run and query_dataset is None) and \
                 group_column not in train_dataset.column_names:
@@ -484,24 +484,3 @@ def _model(kwargs: Mapping[str, Any]) -> torch.nn.Module:
     if model is None:
         raise ValueError("The Trainer passed no model to the callback.")
     return model
-
-
-def _in_run_capture(task: Optional[AttributionTask], train: Optional[Dataset],
-                    eval_dataset: Optional[Dataset], group_column: str, every: int,
-                    steps: str, selection: SelectionSpec, config: Optional[EngineConfig],
-                    eval_group_column: Optional[str]) -> InRunCapture:
-    """The capture state: groups from ``train``'s ``group_column`` (sorted), else point mode
-    over its :data:`~.in_run.ROW_COLUMN`."""
-    if task is None or train is None or eval_dataset is None:
-        raise ValueError("in_run=True needs task=, train_dataset= (the Trainer's rows with "
-                         "the group column) and eval_dataset= (raw evaluation rows).")
-    if group_column in train.column_names:
-        ids = sorted(set(train[group_column]))
-    elif ROW_COLUMN in train.column_names:
-        group_column, ids = ROW_COLUMN, sorted(train[ROW_COLUMN])
-    else:
-        raise MissingColumnError(group_column, train.column_names, role=(
-            "group column for in-run capture (or add row positions with "
-            "hf_ggda.integrations.in_run.with_row_index for point mode)"))
-    return InRunCapture(task, eval_dataset, ids, group_column, every, steps, selection, config,
-                        eval_group_column)
