@@ -13,7 +13,8 @@ runs an attribution when training ends and saves the scores and the scored data:
 
 The learning rate of step N is the one logged at step N in ``state.log_history`` (what
 ``trainer_state.json`` holds), else the optimizer's rate read just after step N's update
-(before the scheduler moves it), else the last one logged before N.
+(before the scheduler moves it), else the last one logged before N. With ``in_run=True`` it
+also scores groups inside the Trainer's own passes (:mod:`hf_ggda.integrations.in_run`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 import torch
 from datasets import Dataset
@@ -31,12 +32,15 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from ..attributors import AttributorConfig, TracInConfig, get_attributor, get_attributor_config
 from ..attributors.checkpoints import confined_path, learning_rate_at
 from ..errors import CheckpointManifestError, MissingColumnError
+from ..gradients import EngineConfig
 from ..grouping import Grouper
 from ..logging import get_logger
+from ..params import SelectionSpec
 from ..scores import GroupScores
 from ..store import atomic_write_bytes
 from ..tasks import GROUP_COLUMN, AttributionTask
 from .hub import save_dataset_atomic
+from .in_run import CaptureRecord, GroupCollator, InRunCapture, build_capture
 
 logger = get_logger(__name__)
 
@@ -44,6 +48,8 @@ MANIFEST_NAME = "ggda_checkpoints.json"
 SCORES_DIR = "ggda_scores"
 SCORED_TRAIN_DIR = "ggda_scored_train"
 SCORED_QUERY_DIR = "ggda_scored_queries"
+IN_RUN_DIR = "ggda_in_run"
+HISTORY_NAME = "history.json"
 MANIFEST_VERSION = 1
 _ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 
@@ -194,11 +200,26 @@ class GGDACallback(TrainerCallback):
         top_k: Groups per query in the scored query columns.
         store: Folder for the gradient stores (None: in memory).
         self_influence: Also compute each group's self-influence.
+        in_run: Also score groups during training (:mod:`hf_ggda.integrations.in_run`):
+            needs ``task``, ``eval_dataset`` and ``train_dataset`` (the Trainer's rows with
+            ``group_column``; without it, rows with :data:`~.in_run.ROW_COLUMN`: point
+            mode), and ``data_collator=callback.data_collator(collator)`` in the Trainer.
+            Results: :attr:`in_run_scores`, :attr:`history` and ``ggda_in_run/``.
+        eval_dataset: Raw evaluation rows whose summed measurement in-run capture follows.
+        every: Take the evaluation gradient every this many optimizer steps (and at the
+            start of the last one).
+        in_run_steps: ``"capture"`` (score the step after each capture: TracIn at those
+            weights) or ``"all"`` (score every step against the latest capture).
+        selection: Parameters in-run capture attributes (the engine's spec).
+        in_run_config: Engine settings of the evaluation pass (batch size,
+            ``factorised_dim``).
+        eval_group_column: Score per evaluation group (m × K) instead of the summed set.
 
     Raises:
-        ValueError: ``query_dataset`` without ``task`` / ``train_dataset``, or a bad
-            attributor spec.
-        MissingColumnError: No ``grouper`` and ``train_dataset`` lacks ``group_column``.
+        ValueError: ``query_dataset`` without ``task`` / ``train_dataset``, ``in_run``
+            without ``task`` / ``train_dataset`` / ``eval_dataset``, or a bad attributor spec.
+        MissingColumnError: No ``grouper`` and ``train_dataset`` lacks ``group_column``
+            (end-of-training attribution), or in point mode lacks ``ROW_COLUMN``.
     """
 
     def __init__(self, task: Optional[AttributionTask] = None,
@@ -207,11 +228,22 @@ class GGDACallback(TrainerCallback):
                  group_column: str = GROUP_COLUMN, attributor: AttributorSpec = "tracin",
                  aggregate: Optional[str] = None, query_group_column: Optional[str] = None,
                  top_k: int = 5, store: Optional[str] = None,
-                 self_influence: bool = False) -> None:
+                 self_influence: bool = False, in_run: bool = False,
+                 eval_dataset: Optional[Dataset] = None, every: int = 1,
+                 in_run_steps: str = "capture", selection: SelectionSpec = "auto",
+                 in_run_config: Optional[EngineConfig] = None,
+                 eval_group_column: Optional[str] = None) -> None:
         if query_dataset is not None and (task is None or train_dataset is None):
             raise ValueError("End-of-training attribution needs task=, train_dataset= (raw "
                              "rows) and query_dataset=.")
+        self.in_run: Optional[InRunCapture] = None
+        self.in_run_scores: Optional[GroupScores] = None
+        if in_run:
+            self.in_run = build_capture(task, train_dataset, eval_dataset, group_column,
+                                        every, in_run_steps, selection, in_run_config,
+                                        eval_group_column)
         if train_dataset is not None and grouper is None and \
+                not (in_run and query_dataset is None) and \
                 group_column not in train_dataset.column_names:
             raise MissingColumnError(group_column, train_dataset.column_names,
                                      role="group column (or pass grouper=)")
@@ -267,6 +299,19 @@ class GGDACallback(TrainerCallback):
         self.records, self._step_lr = kept, None
         if kept:
             logger.info("Resumed GGDA manifest with checkpoints %s.", [r.step for r in kept])
+        if self.in_run is not None:
+            column = self.in_run.group_column
+            if args.remove_unused_columns and column not in (args.label_names or []):
+                raise ValueError(f"In-run capture needs the {column!r} column in the batches: "
+                                 "set remove_unused_columns=False in TrainingArguments.")
+            if args.gradient_checkpointing or args.fp16:
+                raise ValueError("In-run capture reads the output gradients of one backward "
+                                 "pass: train without gradient_checkpointing and without fp16 "
+                                 "loss scaling (bf16 is fine).")
+            if state.global_step > 0:
+                logger.warning("Resumed at step %d: in-run scores cover the steps from here "
+                               "on only.", state.global_step)
+            self.in_run.start(_model(kwargs))
 
     def on_optimizer_step(self, args: TrainingArguments, state: TrainerState,
                           control: TrainerControl, **kwargs: Any) -> None:
@@ -279,6 +324,24 @@ class GGDACallback(TrainerCallback):
             lr = float(scheduler.get_last_lr()[0])
         if lr is not None and math.isfinite(lr):
             self._step_lr = (state.global_step + 1, lr)
+        if self.in_run is not None:
+            if lr is None or not math.isfinite(lr):
+                raise ValueError("In-run capture needs the optimizer's learning rate; the "
+                                 "Trainer passed no optimizer with param_groups.")
+            self.in_run.step_end(state.global_step + 1, lr)
+
+    def on_init_end(self, args: TrainingArguments, state: TrainerState,
+                    control: TrainerControl, **kwargs: Any) -> None:
+        """In-run capture: hook the model's inputs, so that batches carrying group slots
+        also work in ``trainer.evaluate()`` before training."""
+        if self.in_run is not None and kwargs.get("model") is not None:
+            self.in_run.attach_input_hook(kwargs["model"])
+
+    def on_step_begin(self, args: TrainingArguments, state: TrainerState,
+                      control: TrainerControl, **kwargs: Any) -> None:
+        """In-run capture: take the evaluation gradient when due and arm the layer hooks."""
+        if self.in_run is not None:
+            self.in_run.step_begin(_model(kwargs), state.global_step, state.max_steps)
 
     def on_save(self, args: TrainingArguments, state: TrainerState,
                 control: TrainerControl, **kwargs: Any) -> None:
@@ -308,7 +371,10 @@ class GGDACallback(TrainerCallback):
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState,
                      control: TrainerControl, **kwargs: Any) -> None:
-        """Run the configured attribution (when a query dataset was given) and save it."""
+        """Finish in-run capture, run the configured attribution (when a query dataset was
+        given) and save them."""
+        if self.in_run is not None:
+            self._finish_in_run(args, state)
         self._write(args, state)
         model = kwargs.get("model")
         if self.query_dataset is None:
@@ -376,3 +442,45 @@ class GGDACallback(TrainerCallback):
         logger.info("GGDA %s at step %d: %d queries x %d groups saved in %s.",
                     config.attributor_type, state.global_step, scores.num_queries,
                     scores.num_groups, root / SCORES_DIR)
+
+    # -- in-run capture --------------------------------------------------------------------
+    def data_collator(self, inner: Callable[[list[Any]], Any]) -> GroupCollator:
+        """Wrap the Trainer's data collator so batches carry their rows' groups.
+
+        Args:
+            inner: The collator the Trainer would use (e.g. ``DataCollatorWithPadding``).
+
+        Returns:
+            The collator to pass as the Trainer's ``data_collator``.
+
+        Raises:
+            ValueError: The callback was made without ``in_run=True``.
+        """
+        if self.in_run is None:
+            raise ValueError("data_collator() is for GGDACallback(in_run=True, ...).")
+        return GroupCollator(inner, self.in_run.group_column, self.in_run.slot_of)
+
+    @property
+    def history(self) -> list[CaptureRecord]:
+        """The in-run captures (empty without ``in_run``)."""
+        return self.in_run.history if self.in_run is not None else []
+
+    def _finish_in_run(self, args: TrainingArguments, state: TrainerState) -> None:
+        assert self.in_run is not None
+        scores = self.in_run.finish()
+        self.in_run_scores = scores
+        if state.is_world_process_zero:
+            root = Path(args.output_dir) / IN_RUN_DIR
+            scores.save_pretrained(root)
+            history = {"sign_convention": scores.sign_convention,
+                       "group_ids": scores.group_ids,
+                       "captures": [asdict(r) for r in self.in_run.history]}
+            atomic_write_bytes(root / HISTORY_NAME, json.dumps(history, indent=1).encode())
+        self._attribution = {**(self._attribution or {}), "in_run": IN_RUN_DIR}
+
+
+def _model(kwargs: Mapping[str, Any]) -> torch.nn.Module:
+    model = kwargs.get("model")
+    if model is None:
+        raise ValueError("The Trainer passed no model to the callback.")
+    return model
