@@ -11,8 +11,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
-from transformers import (DataCollatorForLanguageModeling, DataCollatorWithPadding, Trainer,
-                          TrainerCallback, TrainingArguments)
+from transformers import (
+    DataCollatorForLanguageModeling,
+    DataCollatorWithPadding,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
 
 from hf_ggda.attributors import TracIn, TracInConfig
 from hf_ggda.errors import MissingColumnError
@@ -116,7 +121,7 @@ def _train(s: dict[str, Any], out: Path, column: Optional[str], callback_kwargs:
         collator, callbacks = cb.data_collator(collator), [cb]
     recorder = Recorder(collator)
     trainer = Trainer(model=s["model"], args=_args(out, **args), train_dataset=tokenised,
-                      data_collator=recorder, callbacks=callbacks + [snaps],
+                      data_collator=recorder, callbacks=[*callbacks, snaps],
                       compute_loss_func=s.get("compute_loss_func"))
     trainer.train()
     return {"cb": cb, "trainer": trainer, "batches": recorder.batches,

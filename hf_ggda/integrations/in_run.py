@@ -14,8 +14,9 @@ with L_step the loss the Trainer really back-propagates in that step, whatever i
 gradient-accumulation steps where transformers applies it), so Σ_G uᵀ g_G = uᵀ ∇L_step: the
 scores of one step add up to the first-order change of the evaluation measurement that step
 caused; and η the learning rate the scheduler set for that step. Under several processes each
-scores its own rows and the sums are divided by the world size, as DDP averages gradients. For a linear layer y = W a the hook never forms a
-gradient: uᵀ g_row = Σ_tokens (∂L/∂y)ᵀ U a, one matmul per layer. The gradient is the raw one
+scores its own rows and the sums are divided by the world size, as DDP averages gradients.
+For a linear layer y = W a the hook never forms a gradient:
+uᵀ g_row = Σ_tokens (∂L/∂y)ᵀ U a, one matmul per layer. The gradient is the raw one
 (before clipping; SGD's direction, not Adam's update). Sign: a positive score means the group
 helps (its update lowered the evaluation loss), as everywhere in hf_ggda.
 

@@ -29,6 +29,7 @@ import torch
 from datasets import Dataset
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from ..atomic import atomic_write_bytes, save_dataset_atomic
 from ..attributors import AttributorConfig, TracInConfig, get_attributor, get_attributor_config
 from ..attributors.checkpoints import confined_path, learning_rate_at
 from ..errors import CheckpointManifestError, MissingColumnError
@@ -37,9 +38,7 @@ from ..grouping import Grouper
 from ..logging import get_logger
 from ..params import SelectionSpec
 from ..scores import GroupScores
-from ..store import atomic_write_bytes
 from ..tasks import GROUP_COLUMN, AttributionTask
-from .hub import save_dataset_atomic
 from .in_run import CaptureRecord, GroupCollator, InRunCapture, build_capture
 
 logger = get_logger(__name__)
@@ -55,6 +54,11 @@ _ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 
 AttributorSpec = Union[str, Mapping[str, Any], AttributorConfig]
 
+
+
+def _output_dir(args: Any) -> Path:
+    """The Trainer's output folder (``TrainingArguments.output_dir``; its default when unset)."""
+    return Path(args.output_dir or "trainer_output")
 
 @dataclass
 class CheckpointRecord:
@@ -267,7 +271,7 @@ class GGDACallback(TrainerCallback):
 
     def _write(self, args: TrainingArguments, state: TrainerState) -> None:
         if state.is_world_process_zero:
-            atomic_write_bytes(Path(args.output_dir) / MANIFEST_NAME,
+            atomic_write_bytes(_output_dir(args) / MANIFEST_NAME,
                                json.dumps(self._manifest(args), indent=1).encode())
 
     def _learning_rate(self, state: TrainerState) -> tuple[Optional[float], str]:
@@ -288,7 +292,7 @@ class GGDACallback(TrainerCallback):
     def on_train_begin(self, args: TrainingArguments, state: TrainerState,
                        control: TrainerControl, **kwargs: Any) -> None:
         """Start a manifest, keeping records of an earlier run up to a resumed step."""
-        root = Path(args.output_dir)
+        root = _output_dir(args)
         kept: list[CheckpointRecord] = []
         if (root / MANIFEST_NAME).exists() and state.global_step > 0:
             try:
@@ -346,7 +350,7 @@ class GGDACallback(TrainerCallback):
     def on_save(self, args: TrainingArguments, state: TrainerState,
                 control: TrainerControl, **kwargs: Any) -> None:
         """Record the checkpoint just written and rewrite the manifest."""
-        root = Path(args.output_dir)
+        root = _output_dir(args)
         name = f"checkpoint-{state.global_step}"
         folder = root / name
         if not folder.is_dir():
@@ -405,7 +409,7 @@ class GGDACallback(TrainerCallback):
         missing = [r.step for r in self.records if r.learning_rate is None]
         if missing:
             raise ValueError(f"No learning rate recorded for checkpoints at steps {missing}.")
-        root = Path(args.output_dir)
+        root = _output_dir(args)
         rates = [float(r.learning_rate) for r in self.records if r.learning_rate is not None]
         return replace(cfg, checkpoints=[str(root / r.path) for r in self.records],
                        learning_rates=rates)
@@ -426,7 +430,7 @@ class GGDACallback(TrainerCallback):
                                   self_influence=self.self_influence)
         self.scores = scores
         self.scored_train = scores.to_dataset_columns(train, group_column=column)
-        root = Path(args.output_dir)
+        root = _output_dir(args)
         written = {"scores": SCORES_DIR, "scored_train": SCORED_TRAIN_DIR}
         if state.is_world_process_zero:
             scores.save_pretrained(root / SCORES_DIR)
@@ -470,7 +474,7 @@ class GGDACallback(TrainerCallback):
         scores = self.in_run.finish()
         self.in_run_scores = scores
         if state.is_world_process_zero:
-            root = Path(args.output_dir) / IN_RUN_DIR
+            root = _output_dir(args) / IN_RUN_DIR
             scores.save_pretrained(root)
             history = {"sign_convention": scores.sign_convention,
                        "group_ids": scores.group_ids,
