@@ -290,7 +290,7 @@ def test_cli_rerun_into_its_own_output_replaces_it(saved_model):  # noqa: F811
     assert main(_attribute_argv(d, d / "run")) == 0  # once refused: "ggda_config.json is a file"
     prune = ["prune", "--run", str(d / "run"), "--fraction", "0.2", "--output", str(d / "p")]
     assert main(prune) == 0 and main(prune) == 0
-    assert (d / "run" / "train" / OUTPUT_MARKER).is_file()
+    assert (d / "run" / "run.json").is_file()  # a run folder hf_ggda.pipeline wrote
     assert len(load_from_disk(str(d / "run" / "train"))) == 30
 
 
@@ -304,11 +304,11 @@ def test_cli_output_folder_holding_user_files_is_refused_before_any_pass(saved_m
     assert main(_attribute_argv(d, d / "run")) == 2
     err = capsys.readouterr().err
     assert "hf-ggda: error:" in err and "Traceback" not in err
-    assert "is a folder" in err and "another --output folder" in err
+    assert "did not write" in err and "new or empty --output folder" in err
     (d / "run" / "ggda_config.json").rmdir()
     assert main(_attribute_argv(d, d / "run")) == 2
     err = capsys.readouterr().err
-    assert "mine.csv" in err and "never deletes" in err
+    assert "train" in err and "nothing is deleted" in err
     before.pop("ggda_config.json")
     assert _snapshot(d / "run") == before  # nothing written, the user's file kept
 
@@ -318,5 +318,5 @@ def test_cli_output_inside_an_input_dataset_folder_is_refused(saved_model, capsy
     before = _snapshot(d / "train")
     assert main(_attribute_argv(d, d / "train")) == 2  # would write train/train, train/scores
     err = capsys.readouterr().err
-    assert "inside the input dataset folder" in err and "outside it" in err
+    assert "would replace the input" in err and "another --output folder" in err
     assert _snapshot(d / "train") == before
