@@ -44,7 +44,7 @@ from _common import (Timings, base_parser, bbc_splits, detection, parse_sized,  
                      recall_figures, recipe_run, say, select_until, setup_run, write_figures)
 from llm_cleanup import TOPICS, TOY_TOPICS, response_losses, smollm2_files  # noqa: E402
 
-FULL = {"train_rows": 2000, "val_rows": 100, "max_length": 112, "steps": 250, "prompt_words": 25,
+FULL = {"train_rows": 2000, "val_rows": 100, "max_length": 96, "steps": 250, "prompt_words": 15,
         "lr": 1e-3, "factorised_dim": 8}
 QUICK = {"train_rows": 96, "val_rows": 12, "max_length": 48, "steps": 60, "prompt_words": 6,
          "lr": 1e-2, "factorised_dim": 4}
@@ -53,6 +53,9 @@ KINDS = ("wrong", "off-task", "conflict", "format")
 CHATML = ("{% for m in messages %}<| {{ m['role'] }} |> {{ m['content'] }} [EOS] {% endfor %}"
           "{% if add_generation_prompt %}<| assistant |> {% endif %}")
 QUESTION = "Give the topic of this article in one word."
+#: Every row's system turn. A short one of our own: without it, SmolLM2's template inserts a
+#: 20-token default system prompt into every row (a third of each row's tokens).
+SYSTEM = "Be brief."
 
 
 def parse_args(argv: Optional[list[str]]) -> Any:
@@ -71,6 +74,7 @@ def parse_args(argv: Optional[list[str]]) -> Any:
     ap.add_argument("--group-size", type=int, default=16, help="n / K.")
     ap.add_argument("--drill", type=float, default=0.25, help="Share of rows drilled into.")
     ap.add_argument("--attr-batch-size", type=int, default=8, help="Rows per gradient pass.")
+    ap.set_defaults(threads=2)  # a 60-minute recipe: run it alone, on both of this machine's cores
     args = parse_sized(ap, argv, FULL, QUICK)
     args.tiny = args.quick
     return args
@@ -104,7 +108,8 @@ def load_model(args: Any) -> tuple[Any, Any, str]:
 
 
 def _chat(prompt: str, answer: str) -> list[dict[str, str]]:
-    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt},
+            {"role": "assistant", "content": answer}]
 
 
 def articles(args: Any) -> tuple[list[str], list[str], list[str], list[str]]:

@@ -224,8 +224,9 @@ def response_losses(model: Any, task: Any, dataset: Dataset, batch_size: int) ->
     """Mean response-token loss of every row (eval mode)."""
     model.eval()
     prepared = task.prepare(dataset).select_columns(list(task.feature_columns))
-    out = [task.per_row_loss(model, task.collate(prepared[s:s + batch_size])).float()
-           for s in range(0, len(prepared), batch_size)]
+    with torch.no_grad():
+        out = [task.per_row_loss(model, task.collate(prepared[s:s + batch_size])).float()
+               for s in range(0, len(prepared), batch_size)]
     return torch.cat(out).numpy()
 
 
