@@ -24,9 +24,16 @@ from hf_ggda.errors import MissingColumnError
 from hf_ggda.gradients import EngineConfig
 from hf_ggda.integrations.cards import build_attribution_card
 from hf_ggda.integrations.in_run import ROW_COLUMN, SLOT_KEY, history_curves, with_row_index
-from hf_ggda.integrations.trainer import HISTORY_NAME, IN_RUN_DIR, GGDACallback
+from hf_ggda.integrations.trainer import (
+    HISTORY_NAME,
+    IN_RUN_CHECKPOINTS,
+    IN_RUN_DIR,
+    IN_RUN_SCORES,
+    GGDACallback,
+)
 from hf_ggda.params import ParameterSelection
-from hf_ggda.scores import GROUP_SCORE_COLUMN, GroupScores
+from hf_ggda.pipeline import read_run
+from hf_ggda.scores import GROUP_SCORE_COLUMN
 from hf_ggda.tasks import CausalLMTask, SequenceClassificationTask
 from hf_ggda.testing import tiny_lora, tiny_model, tiny_tokenizer, toy_dataset
 
@@ -200,10 +207,16 @@ def test_in_run_scores_equal_float64_by_hand(tmp_path: Path, accum: int) -> None
     torch.testing.assert_close(scores.matrix[0], expected, rtol=1e-6, atol=0)
     torch.testing.assert_close(cb.in_run.history_matrix().sum(0), expected, rtol=1e-6, atol=0)
     # saved: GroupScores + history; the dataset columns work like post-hoc ones
-    saved = GroupScores.from_pretrained(tmp_path / IN_RUN_DIR)
+    run_folder = read_run(tmp_path / IN_RUN_DIR)  # a run folder (hf_ggda.pipeline)
+    assert run_folder.kind == "trainer:in_run"
+    saved = run_folder.results[IN_RUN_SCORES]
     torch.testing.assert_close(saved.matrix, scores.matrix)
-    history = json.loads((tmp_path / IN_RUN_DIR / HISTORY_NAME).read_text())
+    history = json.loads(run_folder.paths[HISTORY_NAME].read_text())
     assert [c["weights_step"] for c in history["captures"]] == [0, 2, 3]
+    listed = json.loads(run_folder.paths[IN_RUN_CHECKPOINTS].read_text())["checkpoints"]
+    assert [c["step"] for c in listed] == [r.step for r in cb.records]
+    card = run_folder.paths["README.md"].read_text()
+    assert "in-run score of group" in card and "In-run group TracIn" in card
     scored = scores.to_dataset_columns(s["raw"])
     totals = dict(zip(scores.group_ids, scores.aggregated().tolist()))
     assert scored[GROUP_SCORE_COLUMN] == [totals[g] for g in s["raw"]["group_id"]]

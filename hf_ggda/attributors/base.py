@@ -21,23 +21,18 @@ score: positive when removing G would raise the query's loss, i.e. when G helps 
 
 from __future__ import annotations
 
-import contextlib
 import os
 from abc import ABC
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import (
     TYPE_CHECKING,
     Any,
     Callable,
     ClassVar,
-    ContextManager,
     Iterator,
-    Mapping,
     Optional,
     Sequence,
-    Union,
 )
 
 import numpy as np
@@ -46,15 +41,11 @@ from datasets import Dataset
 
 from .. import SIGN_CONVENTION
 from ..alignment import group_signature, rows_signature
-from ..config import ConfigMixin
 from ..curvature import CurvatureContext, Preconditioner
 from ..curvature.mix import CurvatureData, resolve_curvature_dataset
 from ..errors import (
-    ConfigError,
     GroupingError,
-    MissingColumnError,
     NotFittedError,
-    TokenizationMismatchError,
 )
 from ..fingerprint import hash_json
 from ..gradients.engine import EngineConfig, GradientEngine, GroupGradients, RowFn, plan_groups
@@ -64,11 +55,12 @@ from ..logging import get_logger
 from ..params import ParameterSelection
 from ..scores import GroupScores
 from ..tasks import GROUP_COLUMN, AttributionTask
-from .checkpoints import Checkpoint
+from .config import AttributorConfig
 from .drilldown import SelfAndDrillMixin
 from .model_state import check_model_unchanged
-from .normalise import check_normalize, normalise_rows, row_weights
+from .normalise import normalised_query_gradients, row_weights
 from .scoring import check_finite_scores
+from .state import Component, _Fit, _Part, check_task_unchanged
 
 if TYPE_CHECKING:
     from ..grouping.base import Grouper
@@ -77,136 +69,6 @@ logger = get_logger(__name__)
 
 _ALL_QUERIES = "__ggda_all_queries__"
 _QUERY_CACHE_SIZE = 4
-
-
-@dataclass
-class AttributorConfig(ConfigMixin):
-    """Settings shared by every attributor (JSON and command-line support from
-    :class:`~hf_ggda.config.ConfigMixin`).
-
-    Attributes:
-        attributor_type: Registered name of the method (set by each subclass).
-        batch_size: Rows per forward/backward pass (does not change results).
-        selection: Parameters to attribute through ("auto", "peft", "trainable" or names /
-            regular expressions).
-        shard_rows: Target rows per gradient-store shard.
-        memory_budget: Bytes the gradient blocks may take beyond the model's forward+backward
-            (a store shard, a chunk of query gradients and their scores); None: shards of at
-            most 64 MB of unprojected vectors and all queries at once.
-        factorised_dim: Project every tracked linear layer's gradient inside the hooks to a
-            k × k block (k per side; :mod:`hf_ggda.gradients.factorised`); None: off. Makes
-            full-layer and LLM-size attribution fit in memory (replaces a dense projection).
-        store_dtype: dtype of the vectors in a gradient store (``"float16"`` / ``"bfloat16"``
-            halve the disk; accumulation stays fp32); None: the accumulation dtype.
-        normalize: ``"unit"`` / ``"preconditioned"``: divide every training and query row's
-            gradient by its norm before it enters a group sum, so normalised scores stay
-            additive over groups (:mod:`hf_ggda.attributors.normalise`); None: raw scores.
-        strict: Raise instead of warning when the classifier has not learned
-            (:mod:`hf_ggda.learning_check`) or the model is in train mode.
-    """
-
-    attributor_type: str = field(default="", metadata={"help": "Registered method name."})
-    batch_size: int = field(default=16, metadata={"help": "Rows per forward/backward pass."})
-    selection: Union[str, list[str]] = field(
-        default="auto", metadata={"help": "'auto', 'peft', 'trainable' or parameter names."})
-    shard_rows: int = field(default=512, metadata={"help": "Target rows per store shard."})
-    memory_budget: Optional[int] = field(default=None, metadata={
-        "help": "Bytes for gradient blocks beyond the model's own pass: sizes store shards "
-                "and query chunks (None: 64 MB shards, all queries at once)."})
-    factorised_dim: Optional[int] = field(default=None, metadata={
-        "help": "Factorised projection: k per side of every linear layer (None = off)."})
-    store_dtype: Optional[str] = field(default=None, metadata={
-        "help": "Store vectors as 'float16' or 'bfloat16' (None: the accumulation dtype)."})
-    normalize: Optional[str] = field(default=None, metadata={
-        "help": "'unit' or 'preconditioned': normalise each row before the group sum."})
-    strict: bool = field(default=False, metadata={
-        "help": "Turn warnings (a classifier that has not learned, train mode) into errors."})
-
-    def __post_init__(self) -> None:
-        expected = type(self).__dataclass_fields__["attributor_type"].default
-        if self.attributor_type != expected:
-            raise ValueError(f"{type(self).__name__} has attributor_type {expected!r}, got "
-                             f"{self.attributor_type!r}.")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}.")
-        if self.shard_rows < 1:
-            raise ValueError(f"shard_rows must be >= 1, got {self.shard_rows}.")
-        if self.memory_budget is not None and self.memory_budget < 1 << 20:
-            raise ValueError(f"memory_budget must be at least 1 MB (bytes), got "
-                             f"{self.memory_budget}.")
-        if self.factorised_dim is not None and self.factorised_dim < 1:
-            raise ValueError(f"factorised_dim must be >= 1 or None, got {self.factorised_dim}.")
-        EngineConfig(store_dtype=self.store_dtype)  # validates it
-        check_normalize(self.normalize)
-        if not isinstance(self.selection, (str, list, tuple)) or not self.selection:
-            raise ValueError(f"selection must be a non-empty string or list, got "
-                             f"{self.selection!r}.")
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "AttributorConfig":
-        """Build a config from plain data; on the base class, the method's config class is
-        looked up from ``attributor_type`` in the registry.
-
-        Raises:
-            ConfigError: (a ``ValueError``) Unknown attributor type or unknown keys.
-        """
-        target: type[AttributorConfig] = cls
-        if cls is AttributorConfig:
-            from .registry import ATTRIBUTOR_TYPE_TO_CONFIG_MAPPING
-
-            kind = data.get("attributor_type", "") if isinstance(data, Mapping) else ""
-            if not isinstance(kind, str) or kind not in ATTRIBUTOR_TYPE_TO_CONFIG_MAPPING:
-                raise ConfigError(f"Unknown attributor_type {kind!r:.80}; registered: "
-                                  f"{sorted(ATTRIBUTOR_TYPE_TO_CONFIG_MAPPING)}. Pass one of "
-                                  "them.")
-            target = ATTRIBUTOR_TYPE_TO_CONFIG_MAPPING[kind]
-        return super(AttributorConfig, target).from_dict(dict(data))
-
-
-@dataclass
-class Component:
-    """One model state that scores are taken at, with its weight in the sum.
-
-    Attributes:
-        weight: w_c (a learning rate for TracIn, 1/C for an ensemble).
-        checkpoint: Weights loaded for this component (None: the model as it is).
-        seed: Projection seed of this component.
-    """
-
-    weight: float
-    checkpoint: Optional[Checkpoint] = None
-    seed: int = 0
-
-    def activate(self, model: torch.nn.Module) -> ContextManager[None]:
-        """Context in which the model holds this component's weights."""
-        return self.checkpoint.activate(model) if self.checkpoint else contextlib.nullcontext()
-
-
-@dataclass
-class _Part:
-    """What :meth:`Attributor.fit` keeps for one component."""
-
-    raw: torch.Tensor  # (K, p) group vectors of the training function
-    train: torch.Tensor  # (K, p) after the training-side transform
-    preconditioner: Optional[Preconditioner]
-    fingerprint: dict[str, Any]
-    group_ids: list[Any] = field(default_factory=list)
-    sizes: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
-
-
-@dataclass
-class _Fit:
-    dataset: Dataset
-    group_column: str
-    group_ids: list[Any]
-    sizes: np.ndarray
-    parts: list[_Part]
-    self_scores: Optional[torch.Tensor] = None
-    task_config: dict[str, Any] = field(default_factory=dict)
-    #: Which rows each group held (:func:`hf_ggda.alignment.group_signature`).
-    group_signature: dict[str, Any] = field(default_factory=dict)
-    #: :func:`hf_ggda.learning_check.check_model_learned` of the fitted model (None: n/a).
-    model_check: Optional[dict[str, Any]] = None
 
 
 class Attributor(SelfAndDrillMixin, ABC):
@@ -491,7 +353,7 @@ class Attributor(SelfAndDrillMixin, ABC):
     def _query_vectors(self, dataset: Dataset, mode: str, query_group_column: Optional[str]
                        ) -> tuple[list[torch.Tensor], list[Any], list[dict[str, Any]]]:
         state = self._require_fit()
-        self._check_task(state)
+        check_task_unchanged(self.task.config_dict(), state.task_config)
         fn = self.query_fn()
         column = query_group_column
         if mode == "sum":
@@ -507,7 +369,9 @@ class Attributor(SelfAndDrillMixin, ABC):
             with comp.activate(self.model):
                 check_model_unchanged(self.model, part.fingerprint, "scoring")
                 if self.config.normalize is not None:
-                    grads = self._normalised_queries(engine, part, dataset, mode, column)
+                    grads = normalised_query_gradients(engine, dataset, fn, mode, column,
+                                                       self.config.normalize,
+                                                       part.preconditioner)
                 else:
                     grads = engine.per_example_gradients(dataset, fn=fn) if mode == "rows" \
                         else engine.group_gradients(dataset, column or "", fn=fn)
@@ -517,46 +381,12 @@ class Attributor(SelfAndDrillMixin, ABC):
                 (["all"] if mode == "sum" else grads.group_ids)
         return vectors, ids, fps
 
-    def _normalised_queries(self, engine: GradientEngine, part: _Part, dataset: Dataset,
-                            mode: str, column: Optional[str]) -> GroupGradients:
-        """Query vectors under ``normalize``: every row normalised, then summed per query
-        group (or over all rows) so scores stay additive over query rows too.
-
-        Raises:
-            MissingColumnError: The query group column is absent.
-        """
-        grads = engine.per_example_gradients(dataset, fn=self.query_fn())
-        grads.gradients = normalise_rows(grads.gradients, self.config.normalize,
-                                         part.preconditioner)
-        if mode == "rows":
-            return grads
-        if column not in dataset.column_names:
-            raise MissingColumnError(str(column), dataset.column_names,
-                                     role="query group column")
-        return engine.sum_into_groups(grads, dataset, str(column), self.query_fn())
-
     def result_config(self) -> dict[str, Any]:
         """The config written into results: the settings, the resolved parameter selection
         and the fitted model's learning check (``model_check``)."""
         state = self._require_fit()
         return {**self.config.to_dict(), "selection_resolved": self.selection.how,
                 "model_check": state.model_check}
-
-    def _check_task(self, state: _Fit) -> None:
-        """Queries must be prepared like the training rows (tokenizer, lengths, padding).
-
-        Raises:
-            TokenizationMismatchError: The task's settings changed since :meth:`fit`.
-        """
-        now = self.task.config_dict()
-        if now != state.task_config:
-            diff = {k: {"fit": state.task_config.get(k), "now": now.get(k)}
-                    for k in sorted(set(now) | set(state.task_config))
-                    if now.get(k) != state.task_config.get(k)}
-            raise TokenizationMismatchError(
-                f"Queries would be tokenised differently from the training rows: {diff}. "
-                "Use the same task settings (tokenizer, max_length, padding side) for fit "
-                "and score, or fit again.")
 
     def _combine(self, query: Sequence[torch.Tensor], train: Sequence[torch.Tensor],
                  first_row: int = 0, columns: Optional[Sequence[Any]] = None) -> torch.Tensor:

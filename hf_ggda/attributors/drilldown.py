@@ -25,7 +25,8 @@ from .normalise import normalise_rows
 if TYPE_CHECKING:
     from ..gradients.engine import GradientEngine, RowFn
     from ..self_influence import SelfInfluence
-    from .base import AttributorConfig, Component, _Fit, _Part
+    from .config import AttributorConfig
+    from .state import Component, _Fit, _Part
 
 logger = get_logger(__name__)
 

@@ -23,12 +23,17 @@ are sums of normalised rows.
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Optional
+from typing import TYPE_CHECKING, Callable, Iterator, Optional
 
 import numpy as np
 import torch
+from datasets import Dataset
 
 from ..curvature import Preconditioner
+from ..errors import MissingColumnError
+
+if TYPE_CHECKING:
+    from ..gradients.engine import GradientEngine, GroupGradients, RowFn
 
 #: Values of ``AttributorConfig.normalize``.
 NORMALIZE_KINDS: tuple[Optional[str], ...] = (None, "unit", "preconditioned")
@@ -105,3 +110,30 @@ def normalise_rows(vectors: torch.Tensor, kind: Optional[str],
     if kind is None:
         return vectors
     return vectors * inverse_norms(metric_norms(vectors, kind, preconditioner))[:, None]
+
+
+def normalised_query_gradients(engine: "GradientEngine", dataset: Dataset, fn: "RowFn",
+                               mode: str, column: Optional[str], how: Optional[str],
+                               preconditioner: Optional[Preconditioner]) -> "GroupGradients":
+    """Query vectors under ``normalize``: every row normalised, then summed per query group
+    (or over all rows, ``mode="sum"``) so scores stay additive over query rows too.
+
+    Args:
+        engine: The component's gradient engine.
+        dataset: Raw query rows.
+        fn: The query measurement.
+        mode: ``"rows"``, ``"groups"`` or ``"sum"``.
+        column: The query group column (``"groups"`` / ``"sum"``).
+        how: The ``normalize`` setting.
+        preconditioner: The fitted preconditioner (for ``"preconditioned"``).
+
+    Raises:
+        MissingColumnError: The query group column is absent.
+    """
+    grads = engine.per_example_gradients(dataset, fn=fn)
+    grads.gradients = normalise_rows(grads.gradients, how, preconditioner)
+    if mode == "rows":
+        return grads
+    if column not in dataset.column_names:
+        raise MissingColumnError(str(column), dataset.column_names, role="query group column")
+    return engine.sum_into_groups(grads, dataset, str(column), fn)

@@ -37,9 +37,11 @@ from ..gradients import EngineConfig
 from ..grouping import Grouper
 from ..logging import get_logger
 from ..params import SelectionSpec
+from ..pipeline import RunWriter
 from ..scores import GroupScores
 from ..tasks import GROUP_COLUMN, AttributionTask
-from .in_run import CaptureRecord, GroupCollator, InRunCapture, build_capture
+from .cards import write_attribution_card
+from .in_run import CaptureRecord, GroupCollator, InRunCapture, build_capture, history_curves
 
 logger = get_logger(__name__)
 
@@ -48,7 +50,10 @@ SCORES_DIR = "ggda_scores"
 SCORED_TRAIN_DIR = "ggda_scored_train"
 SCORED_QUERY_DIR = "ggda_scored_queries"
 IN_RUN_DIR = "ggda_in_run"
+#: Entries of the in-run run folder (written by :class:`hf_ggda.pipeline.RunWriter`).
+IN_RUN_SCORES = "scores"
 HISTORY_NAME = "history.json"
+IN_RUN_CHECKPOINTS = "checkpoints.json"
 MANIFEST_VERSION = 1
 _ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 
@@ -470,17 +475,33 @@ class GGDACallback(TrainerCallback):
         return self.in_run.history if self.in_run is not None else []
 
     def _finish_in_run(self, args: TrainingArguments, state: TrainerState) -> None:
+        """Write ``ggda_in_run/`` as a run folder (:class:`~hf_ggda.pipeline.RunWriter`: the
+        scores, the per-capture history, the checkpoint list and a card with the history
+        plot; every process enters, the main one writes)."""
         assert self.in_run is not None
         scores = self.in_run.finish()
         self.in_run_scores = scores
-        if state.is_world_process_zero:
-            root = _output_dir(args) / IN_RUN_DIR
-            scores.save_pretrained(root)
-            history = {"sign_convention": scores.sign_convention,
-                       "group_ids": scores.group_ids,
-                       "captures": [asdict(r) for r in self.in_run.history]}
-            atomic_write_bytes(root / HISTORY_NAME, json.dumps(history, indent=1).encode())
+        history = {"sign_convention": scores.sign_convention, "group_ids": scores.group_ids,
+                   "captures": [asdict(r) for r in self.in_run.history]}
+        with RunWriter(_output_dir(args) / IN_RUN_DIR, "trainer:in_run",
+                       config=dict(scores.config)) as run:
+            run.result(IN_RUN_SCORES, scores)
+            run.json(HISTORY_NAME, history)
+            run.json(IN_RUN_CHECKPOINTS, {"format_version": MANIFEST_VERSION,
+                                          "checkpoints": [asdict(r) for r in self.records]})
+            run.written_by(lambda folder: self._in_run_card(folder, scores))
         self._attribution = {**(self._attribution or {}), "in_run": IN_RUN_DIR}
+
+    def _in_run_card(self, folder: Path, scores: GroupScores) -> Path:
+        """The in-run card: top groups and, with one summed evaluation set, the running
+        scores of the most helpful and harmful groups over the steps."""
+        assert self.in_run is not None and self.train_dataset is not None
+        curves = history_curves(self.in_run.history, scores.group_ids) \
+            if scores.query_mode == "sum" and any(r.steps for r in self.in_run.history) else {}
+        return write_attribution_card(
+            folder, scores, self.train_dataset, group_column=self.in_run.group_column,
+            curves=curves, pretty_name="In-run group TracIn",
+            grouping=f"the Trainer's {self.in_run.group_column!r} column")
 
 
 def _model(kwargs: Mapping[str, Any]) -> torch.nn.Module:
