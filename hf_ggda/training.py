@@ -6,6 +6,7 @@ exists so that recipes can retrain many times quickly and reproducibly.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -16,7 +17,22 @@ from .logging import progress
 from .tasks import AttributionTask
 
 
-def finetune(model: torch.nn.Module, task: AttributionTask, dataset: Dataset, steps: int,
+def default_steps(num_rows: int, batch_size: int, epochs: float = 3.0, minimum: int = 100,
+                  maximum: int = 2000) -> int:
+    """The step count :func:`finetune` uses when given none: ``epochs`` passes over the rows,
+    at least ``minimum`` steps (small datasets need several epochs before a LoRA classifier
+    stops predicting the majority class) and at most ``maximum``.
+
+    Raises:
+        ValueError: ``num_rows`` or ``batch_size`` < 1.
+    """
+    if num_rows < 1 or batch_size < 1:
+        raise ValueError(f"num_rows and batch_size must be >= 1, got {num_rows}, {batch_size}.")
+    return int(min(max(math.ceil(epochs * num_rows / batch_size), minimum), maximum))
+
+
+def finetune(model: torch.nn.Module, task: AttributionTask, dataset: Dataset,
+             steps: Optional[int] = None,
              batch_size: int = 16, lr: float = 1e-3, seed: int = 0,
              weight_decay: float = 0.0, desc: Optional[str] = "Fine-tuning",
              on_step: Optional[Callable[[int], None]] = None) -> list[float]:
@@ -26,7 +42,7 @@ def finetune(model: torch.nn.Module, task: AttributionTask, dataset: Dataset, st
         model: The model; parameters with ``requires_grad`` are trained.
         task: Supplies batches and per-row losses (the batch loss is their mean).
         dataset: Raw training rows.
-        steps: Optimiser steps.
+        steps: Optimiser steps (None: :func:`default_steps` of the rows and batch size).
         batch_size: Rows per step (epochs are reshuffled).
         lr: AdamW learning rate.
         seed: Seed of the row order (and of dropout).
@@ -43,6 +59,8 @@ def finetune(model: torch.nn.Module, task: AttributionTask, dataset: Dataset, st
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("The model has no trainable parameters to fine-tune.")
+    if steps is None:
+        steps = default_steps(len(dataset), batch_size)
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}.")
     prepared = task.prepare(dataset)

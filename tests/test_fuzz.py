@@ -19,7 +19,7 @@ import shutil
 
 import pytest
 import torch
-from datasets import Dataset
+from datasets import Dataset, load_from_disk
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -202,3 +202,125 @@ def test_fuzz_checkpoint_manifest(tmp_path_factory, records, version):
     for record in read or []:
         resolved = (root / record.path).resolve()
         assert resolved == root.resolve() or root.resolve() in resolved.parents
+
+
+# -- the command line ---------------------------------------------------------------------------
+def _cli(argv, capsys):
+    """Run ``hf-ggda argv`` in-process: (exit status, stderr). argparse's own usage errors
+    (exit 2 from ``SystemExit``) count as typed."""
+    from hf_ggda.cli import main
+
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as stop:
+        code = stop.code
+    err = capsys.readouterr().err
+    event(f"exit {code}")
+    return code, err
+
+
+def _assert_clean_exit(code, err, output):
+    """Exit 0, or exit 2 with one ``hf-ggda: error:`` line (or argparse's usage message),
+    never a traceback or an internal error; a failed run wrote nothing at ``output``."""
+    assert code in (0, 2), err
+    assert "Traceback" not in err and "internal error" not in err, err
+    if code == 2:
+        lines = [line for line in err.splitlines() if line.strip()]
+        if not any(line.startswith("usage:") for line in lines):  # argparse's own message
+            ours = [line for line in lines if line.startswith("hf-ggda: error:")]
+            assert len(ours) == 1 and lines[-1] == ours[0], err  # the one line, at the end
+        assert not output.exists() or not any(output.iterdir()), "a failed run wrote files"
+
+
+_GROUPER_KEYS = st.sampled_from(["num_groups", "seed", "column", "num_grups", "grouper_type"])
+#: Paths a confused user passes: missing, a file, an empty folder, a dataset with no rows.
+_DATA = st.sampled_from(["ok", "missing", "file", "empty_dir", "no_rows", "output"])
+
+
+@pytest.fixture(scope="module")
+def cli_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli_fuzz")
+    toy_dataset(12).save_to_disk(str(d / "ok"))
+    Dataset.from_dict({"text": [], "label": []}).save_to_disk(str(d / "no_rows"))
+    (d / "file").write_text("not a dataset")
+    (d / "empty_dir").mkdir()
+    return d
+
+
+@FUZZ
+@given(data=_DATA, num_groups=_mostly(st.sampled_from(["3", "12"]),
+                                      st.sampled_from(["0", "-1", "13", "1e3", "x", ""])),
+       config=st.one_of(st.none(), st.binary(max_size=20),
+                        st.dictionaries(_GROUPER_KEYS, WILD, max_size=3)),
+       output_is=st.sampled_from(["new", "file", "user_folder"]))
+def test_fuzz_cli_group(cli_files, tmp_path_factory, capsys, data, num_groups, config,
+                        output_is):
+    """``hf-ggda group random`` with fuzzed paths, options and ``--config`` files."""
+    run = tmp_path_factory.mktemp("run")
+    output = run / "grouped"
+    if output_is == "file":
+        output.write_text("mine")
+    elif output_is == "user_folder":
+        output.mkdir()
+        (output / "notes.txt").write_text("mine")
+    argv = ["group", "random", "--data", output if data == "output" else cli_files / data,
+            "--output", output, "--num-groups", num_groups]
+    if config is not None:
+        path = run / "config.json"
+        path.write_bytes(config if isinstance(config, bytes) else
+                         json.dumps(config, allow_nan=True).encode())
+        argv += ["--config", path]
+    code, err = _cli(argv, capsys)
+    if output_is != "new":  # the user's own file or folder is never touched
+        mine = output if output_is == "file" else output / "notes.txt"
+        assert mine.read_text() == "mine"
+        assert code == 2, err
+        return
+    _assert_clean_exit(code, err, output)
+    if code == 0:
+        grouped = load_from_disk(str(output))
+        assert len(grouped) == 12 and "group_id" in grouped.column_names
+
+
+_INFLUENCE_KEYS = _mostly(st.sampled_from(["damping", "preconditioner", "batch_size", "normalize",
+                                           "strict", "selection", "factorised_dim"]),
+                          st.sampled_from(["dampng", "attributor_type", "zzz"]))
+
+
+@pytest.fixture(scope="module")
+def cli_model(tmp_path_factory):
+    from hf_ggda.testing import tiny_lora, tiny_model, tiny_tokenizer
+
+    d = tmp_path_factory.mktemp("cli_model")
+    tok = tiny_tokenizer("bert")
+    tiny_model("bert", len(tok)).save_pretrained(d / "base")
+    tok.save_pretrained(d / "base")
+    tiny_lora("bert", len(tok), modules_to_save=("classifier",)).save_pretrained(d / "adapter")
+    toy_dataset(10).save_to_disk(str(d / "train"))
+    toy_dataset(3, seed=5).save_to_disk(str(d / "queries"))
+    return d
+
+
+@FUZZ
+@given(config=st.one_of(st.binary(max_size=16), st.dictionaries(_INFLUENCE_KEYS, WILD,
+                                                               max_size=3)),
+       top_k=_mostly(st.sampled_from(["1", "3"]), st.sampled_from(["0", "-2", "a"])))
+def test_fuzz_cli_attribute(cli_model, tmp_path_factory, capsys, config, top_k):
+    """``hf-ggda attribute influence`` with fuzzed ``--config`` files and options."""
+    d, run = cli_model, tmp_path_factory.mktemp("attr")
+    path = run / "config.json"
+    path.write_bytes(config if isinstance(config, bytes) else
+                     json.dumps(config, allow_nan=True).encode())
+    output = run / "out"
+    code, err = _cli(["attribute", "influence", "--model", d / "base", "--adapter",
+                      d / "adapter", "--train", d / "train", "--queries", d / "queries",
+                      "--group-column", "label", "--output", output, "--config", path,
+                      "--top-k", top_k], capsys)
+    _assert_clean_exit(code, err, output)
+    if code == 0:
+        from hf_ggda.pipeline import read_run
+
+        contents = read_run(output)
+        assert contents.kind and contents.results
+        for result in contents.results.values():
+            assert bool(torch.isfinite(result.matrix).all())

@@ -337,3 +337,41 @@ def test_llm_chat_cleanup_quick(tmp_path: Path, restore_globals: None) -> None:
     assert fig["num_corrupted"] == round(0.2 * fig["num_rows"])
     assert fig["cost_s"]["normalised_groups"] > 0
     check_saved(out / "train_scored")
+
+
+def test_default_steps_give_small_datasets_several_epochs() -> None:
+    from hf_ggda.training import default_steps
+
+    assert default_steps(600, 16) == 113  # 3 epochs
+    assert default_steps(40, 16) == 100  # at least 100 steps
+    assert default_steps(10**6, 16) == 2000  # at most 2,000
+    with pytest.raises(ValueError, match="num_rows"):
+        default_steps(0, 16)
+
+
+def test_finetune_without_steps_runs_default_steps() -> None:
+    from hf_ggda.tasks import SequenceClassificationTask
+    from hf_ggda.testing import tiny_lora, tiny_tokenizer, toy_dataset
+    from hf_ggda.training import default_steps, finetune
+
+    tok = tiny_tokenizer("bert")
+    data = toy_dataset(8)
+    losses = finetune(tiny_lora("bert", len(tok), modules_to_save=("classifier",)),
+                      SequenceClassificationTask(tok, max_length=8), data, batch_size=8,
+                      lr=1e-2, desc=None)
+    assert len(losses) == default_steps(8, 8) == 100
+
+
+@pytest.mark.slow
+def test_first_run_quick(tmp_path: Path, restore_globals: None) -> None:
+    """The first-run check on BBC headlines runs end to end (MiniLM, 60 rows)."""
+    sys.path.insert(0, str(RECIPES))
+    import first_run
+
+    figures = first_run.main(["--quick", "--output", str(tmp_path / "out"),
+                              "--json", str(tmp_path / "f.json")])
+    assert set(figures["runs"]) == {"default", "fixed"}
+    assert figures["runs"]["default"]["steps"] == 100
+    assert figures["runs"]["fixed"]["steps"] == 4
+    assert 0.0 <= figures["runs"]["default"]["eval_accuracy"] <= 1.0
+    assert json.loads((tmp_path / "f.json").read_text())["train_rows"] == 60

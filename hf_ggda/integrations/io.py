@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 from datasets import Dataset, DatasetDict, load_dataset, load_from_disk
 
-from ..errors import EmptyDatasetError
+from ..errors import DataFileError, EmptyDatasetError
 
 _FILE_TYPES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
@@ -24,7 +24,7 @@ def load_local_dataset(spec: str, split: Optional[str] = None) -> Dataset:
 
     Raises:
         FileNotFoundError: The path does not exist.
-        ValueError: Unknown file type or split.
+        DataFileError: (a ``ValueError``) Unknown file type or split.
         EmptyDatasetError: The dataset has no rows.
     """
     path = Path(spec)
@@ -38,13 +38,13 @@ def load_local_dataset(spec: str, split: Optional[str] = None) -> Dataset:
             pick = split or ("train" if "train" in data else names[0] if len(names) == 1
                              else None)
             if pick not in data:
-                raise ValueError(f"{spec!r} holds splits {names}; choose one with --split.")
+                raise DataFileError(f"{spec!r} holds splits {names}; choose one with --split.")
             data = data[pick]
     else:
         kind = _FILE_TYPES.get(path.suffix.lower())
         if kind is None:
-            raise ValueError(f"Unknown data file type {path.suffix!r} for {spec!r}; use one of "
-                             f"{sorted(_FILE_TYPES)} or a save_to_disk folder.")
+            raise DataFileError(f"Unknown data file type {path.suffix!r} for {spec!r}; use one "
+                                f"of {sorted(_FILE_TYPES)} or a save_to_disk folder.")
         data = load_dataset(kind, data_files=str(path), split="train")
     if len(data) == 0:
         raise EmptyDatasetError(f"dataset {spec!r}")
