@@ -14,12 +14,14 @@ def test_in_run_benchmark_quick_run() -> None:
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    result = module.run(rows=32, eval_rows=8, groups=4, every=2, batch_size=16, steps=2)
+    result = module.run(rows=32, eval_rows=8, groups=4, every=2, batch_size=16, steps=2,
+                        eval_sample=4)
     assert result["weights_bit_identical"] is True
     assert result["captures"] == 2  # θ_0 and the start of the last step
     assert result["train_seconds_plain"] > 0
     assert all(math.isfinite(result[k]) and result[k] > 0
-               for k in ("ratio_capture", "ratio_all_steps"))
+               for k in ("ratio_capture", "ratio_all_steps", "ratio_capture_sampled"))
+    assert -1.0 <= result["sampled_vs_exact"]["spearman"] <= 1.0
 
 
 def test_in_run_lds_benchmark_quick_run() -> None:

@@ -466,3 +466,27 @@ def test_per_evaluation_group_scores_are_the_scores_of_each_group_alone(tmp_path
         one = _train(alone, tmp_path / topic, "group_id", dict(every=2))["cb"]
         torch.testing.assert_close(scores.matrix[i], one.in_run_scores.matrix[0],
                                    rtol=1e-9, atol=0)
+
+
+def test_eval_sample_takes_rotating_windows_scaled_to_the_whole_set(tmp_path: Path) -> None:
+    """eval_sample=s: capture c scores against the gradient of rows c·s … c·s+s−1 (mod n)
+    × n/s — each capture equals that capture of a run whose evaluation set is the window."""
+    s = _setup()
+    sampled = _train(s, tmp_path / "sampled", "group_id", dict(every=2, eval_sample=2))["cb"]
+    assert sampled.in_run_scores.config["eval_sample"] == 2
+    windows = [[0, 1], [2, 3], [4, 0]]  # 5 evaluation rows, captures at θ_0, θ_2, θ_3
+    for c, rows in enumerate(windows):
+        ref_setup = _setup()
+        ref_setup["eval"] = s["eval"].select(rows)
+        ref = _train(ref_setup, tmp_path / f"ref{c}", "group_id", dict(every=2))["cb"]
+        torch.testing.assert_close(
+            torch.tensor(sampled.history[c].scores, dtype=torch.float64),
+            2.5 * torch.tensor(ref.history[c].scores, dtype=torch.float64), rtol=1e-6, atol=0)
+    # s >= n is the exact run
+    full = _train(_setup(), tmp_path / "full", "group_id", dict(every=2, eval_sample=5))["cb"]
+    exact = _train(_setup(), tmp_path / "exact", "group_id", dict(every=2))["cb"]
+    torch.testing.assert_close(full.in_run_scores.matrix, exact.in_run_scores.matrix,
+                               rtol=0, atol=0)
+    with pytest.raises(ValueError, match="eval_sample"):
+        GGDACallback(in_run=True, task=s["task"], train_dataset=s["raw"], eval_dataset=s["eval"],
+                     eval_sample=0)

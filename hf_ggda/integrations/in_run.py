@@ -154,9 +154,14 @@ class InRunCapture:
         engine_config: Settings of the u pass (batch size, ``factorised_dim``).
         eval_group_column: Column of ``eval_dataset``: one u per evaluation group (scores
             m × K, query mode ``"groups"``) instead of one for the whole set.
+        eval_sample: Evaluation rows per capture (None: all). Capture c takes the rotating
+            window of rows c·s … c·s + s − 1 (mod n) and scales its gradient by n / s, an
+            unbiased estimate of u that costs s / n of the full pass; every row is used once
+            every ⌈n / s⌉ captures. Summed evaluation sets only.
 
     Raises:
-        ValueError: ``every`` < 1, unknown ``steps``, or a dense ``projection_dim``.
+        ValueError: ``every`` < 1, unknown ``steps``, a dense ``projection_dim``, or
+            ``eval_sample`` < 1 or with ``eval_group_column``.
         MissingColumnError: ``eval_group_column`` is not a column of ``eval_dataset``.
     """
 
@@ -164,7 +169,11 @@ class InRunCapture:
                  group_column: str, every: int = 1, steps: str = "capture",
                  selection: SelectionSpec = "auto",
                  engine_config: Optional[EngineConfig] = None,
-                 eval_group_column: Optional[str] = None) -> None:
+                 eval_group_column: Optional[str] = None,
+                 eval_sample: Optional[int] = None) -> None:
+        if eval_sample is not None and (eval_sample < 1 or eval_group_column is not None):
+            raise ValueError("eval_sample must be >= 1 and applies to a summed evaluation set "
+                             f"(no eval_group_column); got {eval_sample}.")
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}.")
         if steps not in ("capture", "all"):
@@ -183,6 +192,8 @@ class InRunCapture:
         self.eval_dataset = eval_dataset if eval_group_column else \
             eval_dataset.add_column(_EVAL_GROUP, [0] * len(eval_dataset))
         self.eval_ids: list[Any] = ["all"]
+        self.eval_sample = eval_sample if eval_sample and eval_sample < len(eval_dataset) \
+            else None
         self.group_ids, self.group_column = list(group_ids), group_column
         self.slot_of = {g: i for i, g in enumerate(self.group_ids)}
         self.engine: Optional[GradientEngine] = None
@@ -356,14 +367,20 @@ class InRunCapture:
         assert self.engine is not None
         was_training = model.training
         model.eval()
+        rows, scale = self.eval_dataset, 1.0
+        if self.eval_sample is not None:  # the rotating window of this capture, scaled n / s
+            n, size = len(self.eval_dataset), self.eval_sample
+            start = len(self.history) * size
+            rows = self.eval_dataset.select([(start + k) % n for k in range(size)])
+            scale = n / size
         try:
-            grads = self.engine.group_gradients(self.eval_dataset, self.eval_column,
-                                                fn="measurement")
+            grads = self.engine.group_gradients(rows, self.eval_column, fn="measurement")
         finally:
             model.train(was_training)
         if self.eval_group_column is not None:
             self.eval_ids = list(grads.group_ids)
-        return grads.gradients.detach().clone()
+        u = grads.gradients.detach().clone()
+        return u * scale if scale != 1.0 else u
 
     # -- results -------------------------------------------------------------------------------
     def finish(self) -> GroupScores:
@@ -381,7 +398,7 @@ class InRunCapture:
         scored = [s for r in self.history for s in r.steps]
         config: dict[str, Any] = {
             "attributor_type": "tracin_in_run", "every": self.every, "steps": self.steps,
-            "factorised_dim": self.config.factorised_dim,
+            "factorised_dim": self.config.factorised_dim, "eval_sample": self.eval_sample,
             "selection": self.engine.selection.how,
             "captures": [r.weights_step for r in self.history], "scored_steps": scored,
             "gradient": "raw (unclipped) gradient of the Trainer's loss",
@@ -404,7 +421,8 @@ class InRunCapture:
 def build_capture(task: Optional[AttributionTask], train: Optional[Dataset],
                   eval_dataset: Optional[Dataset], group_column: str, every: int,
                   steps: str, selection: SelectionSpec, config: Optional[EngineConfig],
-                  eval_group_column: Optional[str]) -> InRunCapture:
+                  eval_group_column: Optional[str],
+                  eval_sample: Optional[int] = None) -> InRunCapture:
     """The capture state of ``GGDACallback(in_run=True)``: groups from ``train``'s
     ``group_column`` (sorted), else point mode over its :data:`ROW_COLUMN`.
 
@@ -425,7 +443,7 @@ def build_capture(task: Optional[AttributionTask], train: Optional[Dataset],
             "group column for in-run capture (or add row positions with "
             "hf_ggda.integrations.in_run.with_row_index for point mode)"))
     return InRunCapture(task, eval_dataset, ids, group_column, every, steps, selection, config,
-                        eval_group_column)
+                        eval_group_column, eval_sample)
 
 
 def history_curves(history: Sequence[CaptureRecord], group_ids: Sequence[Any],

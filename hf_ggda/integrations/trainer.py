@@ -223,6 +223,8 @@ class GGDACallback(TrainerCallback):
         in_run_config: Engine settings of the evaluation pass (batch size,
             ``factorised_dim``).
         eval_group_column: Score per evaluation group (m × K) instead of the summed set.
+        eval_sample: Evaluation rows per capture, a rotating window scaled to the whole set
+            (None: all rows; see :class:`~.in_run.InRunCapture`).
 
     Raises:
         ValueError: ``query_dataset`` without ``task`` / ``train_dataset``, ``in_run``
@@ -241,7 +243,8 @@ class GGDACallback(TrainerCallback):
                  eval_dataset: Optional[Dataset] = None, every: int = 1,
                  in_run_steps: str = "capture", selection: SelectionSpec = "auto",
                  in_run_config: Optional[EngineConfig] = None,
-                 eval_group_column: Optional[str] = None) -> None:
+                 eval_group_column: Optional[str] = None,
+                 eval_sample: Optional[int] = None) -> None:
         if query_dataset is not None and (task is None or train_dataset is None):
             raise ValueError("End-of-training attribution needs task=, train_dataset= (raw "
                              "rows) and query_dataset=.")
@@ -250,7 +253,7 @@ class GGDACallback(TrainerCallback):
         if in_run:
             self.in_run = build_capture(task, train_dataset, eval_dataset, group_column,
                                         every, in_run_steps, selection, in_run_config,
-                                        eval_group_column)
+                                        eval_group_column, eval_sample)
         if train_dataset is not None and grouper is None and \
                 not (in_run and query_dataset is None) and \
                 group_column not in train_dataset.column_names:

@@ -7,7 +7,10 @@ optimizer steps. Three runs from the same initial weights, the same seed: no cal
 capture scoring the step after each capture (``steps="capture"``); in-run capture scoring every
 step against the latest capture (``steps="all"``). Figures are ratios of ``trainer.train()``
 wall times measured in one run (the machine is shared and noisy); the final weights of the
-captured runs must equal the plain run's bit for bit. With ``--post-hoc`` a fourth run saves a
+captured runs must equal the plain run's bit for bit. With ``--eval-sample S`` another captured
+run takes u from a rotating window of S evaluation rows per capture (scaled to the whole set),
+its time ratio and the agreement of its group scores with the exact run's are reported. With
+``--post-hoc`` a further run saves a
 checkpoint at every capture's weights and post-hoc ``TracIn`` over those checkpoints (fit on all
 training rows + score) is timed against the same training time.
 
@@ -32,7 +35,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def _train(args: argparse.Namespace, data: Any, steps: Optional[str], out: str,
-           save_steps: Optional[int] = None) -> dict[str, Any]:
+           save_steps: Optional[int] = None, eval_sample: Optional[int] = None
+           ) -> dict[str, Any]:
     """One training run (``steps`` None: without the callback); its time and final weights."""
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
@@ -49,7 +53,8 @@ def _train(args: argparse.Namespace, data: Any, steps: Optional[str], out: str,
     if steps is not None:
         cb = GGDACallback(in_run=True, task=task, train_dataset=train,
                           eval_dataset=data["eval"], every=args.every, in_run_steps=steps,
-                          in_run_config=EngineConfig(batch_size=args.batch_size))
+                          in_run_config=EngineConfig(batch_size=args.batch_size),
+                          eval_sample=eval_sample)
         collator, callbacks = cb.data_collator(collator), [cb]
     else:
         train = train.remove_columns("group_id")
@@ -83,9 +88,18 @@ def _post_hoc(args: argparse.Namespace, data: Any, out: str) -> dict[str, Any]:
             "post_hoc_seconds": time.perf_counter() - start}
 
 
+def _agreement(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
+    """Spearman and Pearson correlation of two score vectors."""
+    from scipy.stats import pearsonr, spearmanr
+
+    x, y = a.double().flatten().numpy(), b.double().flatten().numpy()
+    return {"spearman": round(float(spearmanr(x, y)[0]), 4),
+            "pearson": round(float(pearsonr(x, y)[0]), 4)}
+
+
 def run(rows: int = 1024, eval_rows: int = 128, groups: int = 64, every: int = 10,
-        batch_size: int = 16, steps: Optional[int] = None, post_hoc: bool = False
-        ) -> dict[str, Any]:
+        batch_size: int = 16, steps: Optional[int] = None, post_hoc: bool = False,
+        eval_sample: Optional[int] = None) -> dict[str, Any]:
     """Train three (or four) times and return the time ratios and the weight check.
 
     Raises:
@@ -113,9 +127,12 @@ def run(rows: int = 1024, eval_rows: int = 128, groups: int = 64, every: int = 1
         plain = _train(args, data, None, os.path.join(tmp, "plain"))
         capture = _train(args, data, "capture", os.path.join(tmp, "capture"))
         every_step = _train(args, data, "all", os.path.join(tmp, "all"))
+        sampled = _train(args, data, "capture", os.path.join(tmp, "sampled"),
+                         eval_sample=eval_sample) if eval_sample else None
         post = _post_hoc(args, data, os.path.join(tmp, "post")) if post_hoc else {}
     same = all(torch.equal(plain["weights"][n], run["weights"][n])
-               for run in (capture, every_step) for n in plain["weights"])
+               for run in (capture, every_step, sampled) if run is not None
+               for n in plain["weights"])
     result = {
         "rows": rows, "eval_rows": eval_rows, "groups": groups, "every": every,
         "steps": args.steps, "batch_size": batch_size,
@@ -124,6 +141,11 @@ def run(rows: int = 1024, eval_rows: int = 128, groups: int = 64, every: int = 1
         "ratio_capture": round(capture["seconds"] / plain["seconds"], 3),
         "ratio_all_steps": round(every_step["seconds"] / plain["seconds"], 3),
         "weights_bit_identical": same,
+        **({"eval_sample": eval_sample,
+            "ratio_capture_sampled": round(sampled["seconds"] / plain["seconds"], 3),
+            "sampled_vs_exact": _agreement(sampled["callback"].in_run_scores.matrix,
+                                           capture["callback"].in_run_scores.matrix)}
+           if sampled is not None else {}),
         **({"post_hoc_checkpoints": post["checkpoints"],
             "ratio_post_hoc_tracin": round(post["post_hoc_seconds"] / plain["seconds"], 3)}
            if post else {})}
@@ -141,13 +163,16 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="Rows per step.")
     parser.add_argument("--steps", type=int, default=None, help="Steps (default: one epoch).")
     parser.add_argument("--post-hoc", action="store_true", help="Also time post-hoc TracIn.")
+    parser.add_argument("--eval-sample", type=int, default=None,
+                        help="Also run capture with this many evaluation rows per capture "
+                             "(a rotating window) and compare its scores with the exact run.")
     parser.add_argument("--json", type=str, default=None, help="Write the figures here.")
     parser.add_argument("--quick", action="store_true", help="64 + 16 rows, 4 steps (tests).")
     args = parser.parse_args()
     if args.quick:
         args.rows, args.eval_rows, args.groups, args.every, args.steps = 64, 16, 8, 2, 4
     result = run(args.rows, args.eval_rows, args.groups, args.every, args.batch_size,
-                 args.steps, args.post_hoc)
+                 args.steps, args.post_hoc, args.eval_sample)
     print(json.dumps(result, indent=1))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
