@@ -13,7 +13,8 @@ runs an attribution when training ends and saves the scores and the scored data:
 
 The learning rate of step N is the one logged at step N in ``state.log_history`` (what
 ``trainer_state.json`` holds), else the optimizer's rate read just after step N's update
-(before the scheduler moves it), else the last one logged before N. With ``in_run=True`` it
+(before the scheduler moves it), else the last one logged before N. The checkpoint list is
+read back and validated by :mod:`.checkpoint_manifest`. With ``in_run=True`` the callback
 also scores groups inside the Trainer's own passes (:mod:`hf_ggda.integrations.in_run`).
 """
 
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Union
 
@@ -31,8 +32,8 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from ..atomic import atomic_write_bytes, save_dataset_atomic
 from ..attributors import AttributorConfig, TracInConfig, get_attributor, get_attributor_config
-from ..attributors.checkpoints import confined_path, learning_rate_at
-from ..errors import CheckpointManifestError, MissingColumnError
+from ..attributors.checkpoints import learning_rate_at
+from ..errors import MissingColumnError
 from ..gradients import EngineConfig
 from ..grouping import Grouper
 from ..logging import get_logger
@@ -41,11 +42,33 @@ from ..pipeline import RunWriter
 from ..scores import GroupScores
 from ..tasks import GROUP_COLUMN, AttributionTask
 from .cards import write_attribution_card
+from .checkpoint_manifest import (  # re-exported: the callback's public names
+    MANIFEST_NAME,
+    MANIFEST_VERSION,
+    CheckpointRecord,
+    read_checkpoint_manifest,
+    tracin_config_from_manifest,
+)
 from .in_run import CaptureRecord, GroupCollator, InRunCapture, build_capture, history_curves
+
+__all__ = [
+    "HISTORY_NAME",
+    "IN_RUN_CHECKPOINTS",
+    "IN_RUN_DIR",
+    "IN_RUN_SCORES",
+    "MANIFEST_NAME",
+    "MANIFEST_VERSION",
+    "SCORED_QUERY_DIR",
+    "SCORED_TRAIN_DIR",
+    "SCORES_DIR",
+    "CheckpointRecord",
+    "GGDACallback",
+    "read_checkpoint_manifest",
+    "tracin_config_from_manifest",
+]
 
 logger = get_logger(__name__)
 
-MANIFEST_NAME = "ggda_checkpoints.json"
 SCORES_DIR = "ggda_scores"
 SCORED_TRAIN_DIR = "ggda_scored_train"
 SCORED_QUERY_DIR = "ggda_scored_queries"
@@ -54,7 +77,6 @@ IN_RUN_DIR = "ggda_in_run"
 IN_RUN_SCORES = "scores"
 HISTORY_NAME = "history.json"
 IN_RUN_CHECKPOINTS = "checkpoints.json"
-MANIFEST_VERSION = 1
 _ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 
 AttributorSpec = Union[str, Mapping[str, Any], AttributorConfig]
@@ -64,127 +86,6 @@ AttributorSpec = Union[str, Mapping[str, Any], AttributorConfig]
 def _output_dir(args: Any) -> Path:
     """The Trainer's output folder (``TrainingArguments.output_dir``; its default when unset)."""
     return Path(args.output_dir or "trainer_output")
-
-@dataclass
-class CheckpointRecord:
-    """One saved checkpoint in the manifest.
-
-    Attributes:
-        step: Global step N of ``checkpoint-N``.
-        path: Folder name relative to the Trainer's output_dir.
-        learning_rate: Learning rate used for step N (None if it could not be found).
-        learning_rate_source: ``"log_history"``, ``"optimizer"``, ``"log_history_before"``
-            or ``"none"``.
-        epoch: Training epoch at the save.
-        adapter: Whether the folder holds a PEFT adapter (else full weights).
-    """
-
-    step: int
-    path: str
-    learning_rate: Optional[float]
-    learning_rate_source: str
-    epoch: Optional[float]
-    adapter: bool
-
-
-def read_checkpoint_manifest(output_dir: str | Path) -> list[CheckpointRecord]:
-    """Read ``ggda_checkpoints.json`` of a Trainer output folder (untrusted input: validated
-    against the schema of format version 1; recorded paths must stay inside ``output_dir``).
-
-    Args:
-        output_dir: The Trainer's output_dir.
-
-    Returns:
-        The records, sorted by step.
-
-    Raises:
-        FileNotFoundError: No manifest there.
-        CheckpointManifestError: (a ``ValueError``) The manifest is not valid JSON, has an
-            unknown format version, fails the schema, or records a path that is absolute or
-            leaves ``output_dir``.
-    """
-    path = Path(output_dir) / MANIFEST_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"No {MANIFEST_NAME} in {str(output_dir)!r}: train with "
-                                "GGDACallback in the Trainer's callbacks.")
-    fix = ("Restore it from the training run, delete it to start a new manifest, or pass "
-           "checkpoints and learning_rates to TracInConfig yourself.")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, ValueError) as err:
-        raise CheckpointManifestError(f"{path} is not a valid {MANIFEST_NAME} ({err}). "
-                                      f"{fix}") from None
-    if not isinstance(data, dict) or not isinstance(data.get("checkpoints"), list):
-        raise CheckpointManifestError(f"{path} is not a valid {MANIFEST_NAME}: expected an "
-                                      f"object with a 'checkpoints' list. {fix}")
-    version = data.get("format_version")
-    if isinstance(version, bool) or version != MANIFEST_VERSION:
-        raise CheckpointManifestError(
-            f"{path} has format_version {version!r}; this hf_ggda reads version "
-            f"{MANIFEST_VERSION}. Upgrade hf_ggda, or {fix[0].lower()}{fix[1:]}")
-    return sorted((_record(r, output_dir, path, fix) for r in data["checkpoints"]),
-                  key=lambda r: r.step)
-
-
-def _record(raw: Any, root: str | Path, source: Path, fix: str) -> CheckpointRecord:
-    """One validated manifest record."""
-    names = {f for f in CheckpointRecord.__dataclass_fields__}
-    if not isinstance(raw, dict) or set(raw) != names:
-        got = sorted(raw) if isinstance(raw, dict) else type(raw).__name__
-        raise CheckpointManifestError(f"{source} is not a valid {MANIFEST_NAME}: a checkpoint "
-                                      f"record must have the fields {sorted(names)}, got "
-                                      f"{got}. {fix}")
-
-    def number(value: Any, nullable: bool) -> bool:
-        if value is None:
-            return nullable
-        return not isinstance(value, bool) and isinstance(value, (int, float)) and \
-            math.isfinite(value)
-
-    checks = {"step": isinstance(raw["step"], int) and not isinstance(raw["step"], bool)
-              and raw["step"] >= 0,
-              "learning_rate": number(raw["learning_rate"], True),
-              "learning_rate_source": isinstance(raw["learning_rate_source"], str),
-              "epoch": number(raw["epoch"], True), "adapter": isinstance(raw["adapter"], bool)}
-    bad = [f"{k}={raw[k]!r}" for k, ok in checks.items() if not ok]
-    if bad:
-        raise CheckpointManifestError(f"{source} is not a valid {MANIFEST_NAME}: bad values "
-                                      f"{bad} (steps are integers >= 0, rates and epochs "
-                                      f"finite numbers or null). {fix}")
-    confined_path(root, raw["path"], str(source))
-    return CheckpointRecord(**raw)
-
-
-def tracin_config_from_manifest(output_dir: str | Path, **overrides: Any) -> TracInConfig:
-    """Build a :class:`~hf_ggda.attributors.TracInConfig` over the recorded checkpoints.
-
-    Args:
-        output_dir: The Trainer's output_dir.
-        **overrides: Other TracInConfig fields (projection, batch size, ...).
-
-    Returns:
-        A config with absolute ``checkpoints`` and their ``learning_rates``.
-
-    Raises:
-        FileNotFoundError: No manifest, or a recorded folder was deleted.
-        ValueError: A recorded learning rate is missing or the manifest is empty.
-        CheckpointManifestError: As :func:`read_checkpoint_manifest`.
-    """
-    records = read_checkpoint_manifest(output_dir)
-    if not records:
-        raise ValueError(f"The manifest in {str(output_dir)!r} lists no checkpoints.")
-    source = str(Path(output_dir) / MANIFEST_NAME)
-    paths = [confined_path(output_dir, r.path, source) for r in records]
-    gone = [str(p) for p in paths if not p.is_dir()]
-    if gone:
-        raise FileNotFoundError(f"Recorded checkpoints were deleted: {gone}.")
-    missing = [r.step for r in records if r.learning_rate is None]
-    if missing:
-        raise ValueError(f"No learning rate recorded for steps {missing}; pass "
-                         "learning_rates to TracInConfig yourself.")
-    rates = [float(r.learning_rate) for r in records if r.learning_rate is not None]
-    return TracInConfig(checkpoints=[str(p) for p in paths], learning_rates=rates, **overrides)
-
 
 class GGDACallback(TrainerCallback):
     """Records checkpoints and learning rates for TracIn; optionally attributes at the end.
