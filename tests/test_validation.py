@@ -336,3 +336,13 @@ def test_model_groupers_validate_the_data_against_the_model(tmp_path, monkeypatc
         get_grouper("kmeans-repr", num_groups=2).assign(rows.select([0, 1, 2]), model=_meta(),
                                                          task=_cls_task())
     assert not os.listdir(tmp_path)
+
+
+def test_fit_names_labels_beyond_the_head_before_the_learning_check():
+    """Found by the fuzz test: with some labels in range, the learning check ran the model on
+    an out-of-range label first (a raw IndexError); the engine's validation now names them."""
+    from hf_ggda.attributors import InfluenceConfig, InfluenceFunction
+
+    rows = _rows(["market web game", "phone team"], [0, 3]).add_column("group_id", [0, 1])
+    with pytest.raises(LabelError, match=r"reach 3 at rows \[1\]"):
+        InfluenceFunction(_bert(), _cls_task(), InfluenceConfig()).fit(rows)
