@@ -98,6 +98,7 @@ def _train(args: argparse.Namespace, data: Any, rows: Optional[np.ndarray], out:
 
 
 def _arguments(args: argparse.Namespace, out: str, save: bool) -> Any:
+    """The ``TrainingArguments`` every run shares (checkpoints every capture when ``save``)."""
     from transformers import TrainingArguments
 
     return TrainingArguments(
@@ -108,6 +109,7 @@ def _arguments(args: argparse.Namespace, out: str, save: bool) -> Any:
 
 
 def _query_losses(model: Head, data: Any) -> np.ndarray:
+    """(m,) cross-entropy of each query under ``model``."""
     with torch.no_grad():
         x = torch.tensor(data["eval"]["x"])
         y = torch.tensor(data["eval"]["y"])
@@ -124,7 +126,11 @@ def _by_group(matrix: torch.Tensor, group_ids: list[Any], groups: int) -> np.nda
 def run(rows: int = 1024, queries: int = 128, groups: int = 64, every: int = 8,
         epochs: int = 2, batch_size: int = 16, lr: float = 5e-3, subsets: int = 32,
         seed: int = 0) -> dict[str, Any]:
-    """Train, attribute three ways, retrain the subsets; return costs and LDS."""
+    """Train, attribute three ways, retrain the subsets; return costs and LDS.
+
+    Raises:
+        ModuleNotFoundError: The MiniLM or BBC News packages are not installed.
+    """
     import datasets
     from transformers.utils import logging as hf_logging
 
