@@ -30,7 +30,7 @@ from datasets import Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import base_parser, parse_sized, recipe_run, say, setup_run, write_figures
+from _common import accuracy, base_parser, parse_sized, recipe_run, say, setup_run, write_figures
 
 FULL = {"train_rows": 600, "eval_rows": 150, "fixed_steps": 60}
 QUICK = {"train_rows": 60, "eval_rows": 30, "fixed_steps": 4}
@@ -55,20 +55,6 @@ def headlines(train_rows: int, eval_rows: int, seed: int) -> tuple[Dataset, Data
             target["text"] += [data[int(i)]["text"].split("\n")[0] for i in chosen]
             target["label"] += [new] * len(chosen)
     return Dataset.from_dict(train).shuffle(seed=seed), Dataset.from_dict(evaluation)
-
-
-def accuracy(model: Any, task: Any, rows: Dataset) -> float:
-    """Held-out argmax accuracy (eval mode, no gradients)."""
-    import torch
-
-    prepared = task.prepare(rows).select_columns(list(task.feature_columns))
-    hits = 0
-    with torch.no_grad():
-        for start in range(0, len(prepared), 64):
-            batch = task.collate(prepared[start:start + 64])
-            logits = model(**task.model_inputs(batch)).logits
-            hits += int((logits.argmax(-1) == batch["labels"]).sum())
-    return hits / len(rows)
 
 
 def one_run(train: Dataset, evaluation: Dataset, steps: Optional[int], seed: int

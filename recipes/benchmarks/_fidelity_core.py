@@ -276,9 +276,15 @@ def logo_of(predicted: np.ndarray, deltas: np.ndarray) -> dict[str, float]:
     Returns:
         ``spearman`` and ``pearson`` over the L·m pairs (NaN if either side is constant).
     """
+    return correlations(predicted, deltas)
+
+
+def correlations(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
+    """Spearman and Pearson correlation of two arrays, flattened (NaN if either is constant
+    or holds fewer than 3 values)."""
     from scipy.stats import pearsonr, spearmanr
 
-    p, d = predicted.reshape(-1), deltas.reshape(-1)
+    p, d = np.asarray(a).reshape(-1), np.asarray(b).reshape(-1)
     if p.size < 3 or np.ptp(p) == 0 or np.ptp(d) == 0:
         return {"spearman": float("nan"), "pearson": float("nan")}
     return {"spearman": float(spearmanr(p, d).statistic), "pearson": float(pearsonr(p, d)[0])}

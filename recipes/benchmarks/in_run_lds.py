@@ -82,19 +82,31 @@ def _data(rows: int, queries: int, groups: int, seed: int) -> dict[str, Any]:
             "group_of": group_of, "embed_s": setting.embed_s}
 
 
-def _train(args: argparse.Namespace, data: Any, rows: Optional[np.ndarray], out: str
-           ) -> dict[str, Any]:
-    """One plain Trainer run (on ``rows``, None: all) from the seeded initial head."""
+def _train(args: argparse.Namespace, data: Any, out: str, rows: Optional[np.ndarray] = None,
+           mode: Optional[str] = None) -> dict[str, Any]:
+    """One Trainer run from the seeded initial head: plain on ``rows`` (None: all), or with
+    in-run capture (``mode`` = ``in_run_steps``; one evaluation group per query row, so the
+    scores are m × K; ``"capture"`` also saves a checkpoint at every capture)."""
     from transformers import Trainer, default_data_collator
+
+    from hf_ggda.integrations.trainer import GGDACallback
 
     model = Head(384, 5, args.seed)
     train = data["train"] if rows is None else data["train"].select(rows.tolist())
-    trainer = Trainer(model=model, args=_arguments(args, out, save=False),
-                      train_dataset=train.remove_columns("group_id"),
-                      data_collator=default_data_collator)
+    collator: Any = default_data_collator
+    callbacks, cb = [], None
+    if mode is None:
+        train = train.remove_columns("group_id")
+    else:
+        cb = GGDACallback(in_run=True, task=data["task"], train_dataset=train,
+                          eval_dataset=data["eval"], eval_group_column="query",
+                          every=args.every, in_run_steps=mode, selection="trainable")
+        collator, callbacks = cb.data_collator(collator), [cb]
+    trainer = Trainer(model=model, args=_arguments(args, out, save=mode == "capture"),
+                      train_dataset=train, data_collator=collator, callbacks=callbacks)
     start = time.perf_counter()
     trainer.train()
-    return {"seconds": time.perf_counter() - start, "model": model.eval()}
+    return {"seconds": time.perf_counter() - start, "model": model.eval(), "callback": cb}
 
 
 def _arguments(args: argparse.Namespace, out: str, save: bool) -> Any:
@@ -148,12 +160,11 @@ def run(rows: int = 1024, queries: int = 128, groups: int = 64, every: int = 8,
     data["eval"] = data["eval"].add_column("query", list(range(queries)))
     metric = load_metric("group_lds")
     with tempfile.TemporaryDirectory() as tmp:
-        plain = _train(args, data, None, os.path.join(tmp, "plain"))
+        plain = _train(args, data, os.path.join(tmp, "plain"))
         found: dict[str, np.ndarray] = {}
         seconds: dict[str, float] = {}
         for mode in ("capture", "all"):
-            captured = _train_grouped(args, data, os.path.join(tmp, mode), mode,
-                                      save=mode == "capture")
+            captured = _train(args, data, os.path.join(tmp, mode), mode=mode)
             got = captured["callback"].in_run_scores
             found[f"in_run_{mode}"] = _by_group(got.matrix, got.group_ids, groups)
             seconds[f"in_run_{mode}"] = captured["seconds"]
@@ -167,9 +178,9 @@ def run(rows: int = 1024, queries: int = 128, groups: int = 64, every: int = 8,
                 checkpoints = len(config.checkpoints)
         masks = draw_subsets(groups, subsets, seed)
         start = time.perf_counter()
-        losses = np.stack([_query_losses(_train(args, data, np.flatnonzero(m[data["group_of"]]),
-                                                os.path.join(tmp, f"s{k}"))["model"], data)
-                           for k, m in enumerate(masks)])
+        losses = np.stack([_query_losses(_train(args, data, os.path.join(tmp, f"s{k}"),
+                                                np.flatnonzero(m[data["group_of"]]))["model"],
+                                         data) for k, m in enumerate(masks)])
         retrain_s = time.perf_counter() - start
     lds = {name: lds_of(metric, predict_subsets(scores, masks), losses)
            for name, scores in found.items()}
@@ -184,24 +195,6 @@ def run(rows: int = 1024, queries: int = 128, groups: int = 64, every: int = 8,
         "lds": {k: {m: round(v, 4) if isinstance(v, float) else v for m, v in d.items()}
                 for k, d in lds.items()},
         "full_query_loss": float(_query_losses(plain["model"], data).mean())}
-
-
-def _train_grouped(args: argparse.Namespace, data: Any, out: str, mode: str,
-                   save: bool) -> dict[str, Any]:
-    """A captured run with one evaluation group per query row (scores m × K)."""
-    from transformers import Trainer, default_data_collator
-
-    from hf_ggda.integrations.trainer import GGDACallback
-
-    model = Head(384, 5, args.seed)
-    cb = GGDACallback(in_run=True, task=data["task"], train_dataset=data["train"],
-                      eval_dataset=data["eval"], eval_group_column="query", every=args.every,
-                      in_run_steps=mode, selection="trainable")
-    trainer = Trainer(model=model, args=_arguments(args, out, save), train_dataset=data["train"],
-                      data_collator=cb.data_collator(default_data_collator), callbacks=[cb])
-    start = time.perf_counter()
-    trainer.train()
-    return {"seconds": time.perf_counter() - start, "model": model.eval(), "callback": cb}
 
 
 def main() -> None:
