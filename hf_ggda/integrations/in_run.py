@@ -155,9 +155,10 @@ class InRunCapture:
         eval_group_column: Column of ``eval_dataset``: one u per evaluation group (scores
             m × K, query mode ``"groups"``) instead of one for the whole set.
         eval_sample: Evaluation rows per capture (None: all). Capture c takes the rotating
-            window of rows c·s … c·s + s − 1 (mod n) and scales its gradient by n / s, an
-            unbiased estimate of u that costs s / n of the full pass; every row is used once
-            every ⌈n / s⌉ captures. Summed evaluation sets only.
+            window of rows c·s … c·s + s − 1 (mod n) and scales its gradient by n / s: an
+            estimate of u (unbiased when the rows are in random order; shuffle a sorted set
+            first) that costs s / n of the full pass; every row is used once every ⌈n / s⌉
+            captures. Summed evaluation sets only.
 
     Raises:
         ValueError: ``every`` < 1, unknown ``steps``, a dense ``projection_dim``, or

@@ -391,8 +391,7 @@ class GGDACallback(TrainerCallback):
                        config=dict(scores.config)) as run:
             run.result(IN_RUN_SCORES, scores)
             run.json(HISTORY_NAME, history)
-            run.json(IN_RUN_CHECKPOINTS, {"format_version": MANIFEST_VERSION,
-                                          "checkpoints": [asdict(r) for r in self.records]})
+            run.json(IN_RUN_CHECKPOINTS, self._manifest(args))  # ggda_checkpoints.json's
             run.written_by(lambda folder: self._in_run_card(folder, scores))
         self._attribution = {**(self._attribution or {}), "in_run": IN_RUN_DIR}
 
