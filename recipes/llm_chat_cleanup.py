@@ -30,10 +30,12 @@ Run::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 from datasets import Dataset
@@ -49,6 +51,9 @@ FULL = {"train_rows": 2000, "val_rows": 100, "max_length": 96, "steps": 250, "pr
 QUICK = {"train_rows": 96, "val_rows": 12, "max_length": 48, "steps": 60, "prompt_words": 6,
          "lr": 1e-2, "factorised_dim": 4}
 KINDS = ("wrong", "off-task", "conflict", "format")
+#: Inspection orders compared: the two GGDA paths (groups, then drill-down), the same scores
+#: at point level for every row (the ablation without groups), and the baselines.
+METHODS = ("normalised", "raw", "normalised_points", "raw_points", "loss", "random")
 #: A ChatML template for tokenizers that ship none (the tiny test tokenizer).
 CHATML = ("{% for m in messages %}<| {{ m['role'] }} |> {{ m['content'] }} [EOS] {% endfor %}"
           "{% if add_generation_prompt %}<| assistant |> {% endif %}")
@@ -74,6 +79,9 @@ def parse_args(argv: Optional[list[str]]) -> Any:
     ap.add_argument("--group-size", type=int, default=16, help="n / K.")
     ap.add_argument("--drill", type=float, default=0.25, help="Share of rows drilled into.")
     ap.add_argument("--attr-batch-size", type=int, default=8, help="Rows per gradient pass.")
+    ap.add_argument("--store", default=None,
+                    help="Folder of the per-example gradient store (kept, and resumed by a "
+                         "rerun); default: a temporary folder, removed at the end.")
     ap.set_defaults(threads=2)  # a 60-minute recipe: run it alone, on both of this machine's cores
     args = parse_sized(ap, argv, FULL, QUICK)
     args.tiny = args.quick
@@ -163,10 +171,16 @@ def chat_rows(args: Any) -> tuple[Dataset, Dataset]:
 
 
 def ggda_order(model: Any, task: Any, train: Dataset, val: Dataset, args: Any,
-               normalize: Optional[str], times: Timings, tag: str
-               ) -> tuple[np.ndarray, tuple[Any, Dataset]]:
-    """Inspection scores of one GGDA path (higher = inspect earlier), its drilled scores and
-    the grouped rows."""
+               normalize: Optional[str], times: Timings, tag: str, store: Path
+               ) -> tuple[np.ndarray, np.ndarray, tuple[Any, Dataset]]:
+    """Inspection scores of one GGDA path (higher = inspect earlier), every row's point
+    score (the ablation without groups: all groups drilled), its drilled scores and the
+    grouped rows.
+
+    Both paths fit with the same ``store``: the first computes the per-example vectors and
+    the grouping features in one pass and keeps them there; the second (same model, task,
+    projection and grouper) reads them back, and each drill-down reads its rows from it.
+    """
     from hf_ggda.attributors import InfluenceConfig, InfluenceFunction
     from hf_ggda.grouping import GradKMeansGrouper
 
@@ -175,7 +189,8 @@ def ggda_order(model: Any, task: Any, train: Dataset, val: Dataset, args: Any,
         preconditioner="identity", batch_size=args.attr_batch_size, normalize=normalize,
         factorised_dim=args.factorised_dim))
     with times.stage(f"{tag}_groups"):
-        attributor.fit(train, grouper=GradKMeansGrouper(num_groups=k, seed=args.seed))
+        attributor.fit(train, grouper=GradKMeansGrouper(num_groups=k, seed=args.seed),
+                       store=store)
         scores = attributor.score(val, aggregate="sum")
     grouped = attributor.train_dataset
     sizes = attributor.group_sizes
@@ -195,7 +210,21 @@ def ggda_order(model: Any, task: Any, train: Dataset, val: Dataset, args: Any,
     ranked = np.empty(len(point))
     ranked[np.argsort(point, kind="stable")] = np.arange(len(point))
     suspicion[np.asarray(refined.point_rows)] = 2.0 * len(train) - ranked
-    return suspicion, (refined, grouped)
+    with times.stage(f"{tag}_all_points"):
+        every = attributor.refine(scores, group_ids=attributor.group_ids, row_column="row")
+    point_all = np.empty(len(train))
+    point_all[np.asarray(every.point_rows)] = every.point_scores.sum(0).double().numpy()
+    return suspicion, point_all, (refined, grouped)
+
+
+@contextlib.contextmanager
+def _store_folder(path: Optional[str]) -> Iterator[Path]:
+    """The gradient store's folder: ``path`` (kept), or a temporary one (removed after)."""
+    if path is not None:
+        yield Path(path)
+        return
+    with tempfile.TemporaryDirectory(prefix="llm-chat-store-") as tmp:
+        yield Path(tmp)
 
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
@@ -219,35 +248,48 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     with times.stage("loss_ranking"):
         row_loss = response_losses(model, task, train, args.attr_batch_size)
     suspicions = {"loss": row_loss, "random": np.zeros(len(train))}
-    refined = None
-    for tag, normalize in (("normalised", "unit"), ("raw", None)):
-        say(f"GGDA ({tag}): Grad-K-Means K = n/{args.group_size}, scores, drill-down")
-        suspicions[tag], scored_run = ggda_order(model, task, train, val, args, normalize,
-                                                 times, tag)
-        refined = refined or scored_run
+    refined, points = None, {}
+    with _store_folder(args.store) as store:
+        for tag, normalize in (("normalised", "unit"), ("raw", None)):
+            say(f"GGDA ({tag}): Grad-K-Means K = n/{args.group_size}, scores, drill-down")
+            suspicions[tag], points[tag], scored_run = ggda_order(
+                model, task, train, val, args, normalize, times, tag, store)
+            suspicions[f"{tag}_points"] = -points[tag]  # most harmful first
+            refined = refined or scored_run
     results = {name: detection(s, flags) for name, s in suspicions.items()}
     kinds = np.asarray(train["kind"])
-    by_kind = {kind: {name: detection(s, (kinds == kind).astype(int))["recall_at_20"]
-                      for name, s in suspicions.items()} for kind in KINDS}
+    by_kind = {f"recall_at_{pct}_by_kind": {
+        kind: {name: detection(s, (kinds == kind).astype(int))[f"recall_at_{pct}"]
+               for name, s in suspicions.items()} for kind in KINDS} for pct in (10, 20)}
+    sizes = np.unique(np.asarray(refined[1]["group_id"]), return_counts=True)[1]
     figures = {
         **recall_figures(results, {n: (f"{n}_", ("recall_at_10", "recall_at_20", "auc"))
-                                   for n in ("normalised", "raw", "loss", "random")}),
-        "recall_at_20_by_kind": by_kind,
+                                   for n in METHODS}),
+        **by_kind,
         "cost_s": {k: round(v, 1) for k, v in times.wall.items()},
         "model": model_name, "num_rows": len(train), "num_corrupted": int(flags.sum()),
         "num_groups": max(2, len(train) // args.group_size),
+        "group_sizes_min_median_max": [int(f(sizes)) for f in (np.min, np.median, np.max)],
         "train_loss_first": float(np.mean(losses[:5])),
         "train_loss_last": float(np.mean(losses[-5:])), "args": vars(args)}
     scored = refined[0].to_dataset_columns(refined[1], row_column="row")
+    order = np.asarray(scored["row"])
+    extra = {"response_loss": row_loss, **{f"{t}_point_score": v for t, v in points.items()},
+             **{f"suspicion_{m}": suspicions[m] for m in METHODS}}
+    for name, values in extra.items():
+        scored = scored.add_column(name, np.asarray(values, dtype=float)[order].tolist())
     with recipe_run(out, "llm_chat_cleanup", args) as run:
-        run.dataset("train_scored",
-                    scored.add_column("response_loss", row_loss.astype(float).tolist()))
+        run.dataset("train_scored", scored)
         write_figures(figures, args.json, run)
     print(f"{model_name}: {figures['num_corrupted']} of {len(train)} rows corrupted, "
           f"K = {figures['num_groups']}")
-    for name in ("normalised", "raw", "loss", "random"):
-        print(f"{name:<12} recall@10% {results[name]['recall_at_10']:.3f}  "
+    for name in METHODS:
+        print(f"{name:<17} recall@10% {results[name]['recall_at_10']:.3f}  "
               f"recall@20% {results[name]['recall_at_20']:.3f}")
+    for kind in KINDS:
+        print(f"  {kind:<9} recall@10% " + "  ".join(
+            f"{name} {figures['recall_at_10_by_kind'][kind][name]:.2f}"
+            for name in METHODS))
     print("Seconds (wall): " + ", ".join(f"{k} {v:.1f}" for k, v in times.wall.items()))
     return figures
 

@@ -177,11 +177,27 @@ def test_one_pass_grouping_with_a_store_and_its_rerun(tmp_path) -> None:
     disk = InfluenceFunction(model, task, cfg).fit(
         data, store=str(tmp_path / "s"), grouper=GradKMeansGrouper(num_groups=4, seed=0))
     assert (tmp_path / "s" / "component-0" / "points").is_dir()
-    # the rerun reads the finished point store (no pass: features come from the grouper's
-    # own forward pass) and the cached curvature
+    features = tmp_path / "s" / "component-0" / "grouping-features.safetensors"
+    assert features.is_file()
+    # the rerun reads the finished point store, the pass's cached grouping features and the
+    # cached curvature: no pass at all
     counter = _RowCounter(model)
     again = InfluenceFunction(model, task, cfg).fit(
         data, store=str(tmp_path / "s"), grouper=GradKMeansGrouper(num_groups=4, seed=0))
+    assert counter.passes(20) == pytest.approx(0.0)
+    # without the feature cache (or with a damaged one) the grouper's own forward pass
+    # recomputes the features, and the groups are the same
+    for damage in (features.unlink, lambda: features.write_bytes(b"not safetensors")):
+        damage()
+        counter = _RowCounter(model)
+        rerun = InfluenceFunction(model, task, cfg).fit(
+            data, store=str(tmp_path / "s"), grouper=GradKMeansGrouper(num_groups=4, seed=0))
+        assert counter.passes(20) == pytest.approx(1.0)
+        assert rerun.train_dataset["group_id"] == memory.train_dataset["group_id"]
+    # another grouper's settings are another key: its features are not taken from the cache
+    counter = _RowCounter(model)
+    InfluenceFunction(model, task, cfg).fit(
+        data, store=str(tmp_path / "s"), grouper=GradKMeansGrouper(num_groups=4, seed=1))
     assert counter.passes(20) == pytest.approx(1.0)
     for att in (disk, again):
         assert att.train_dataset["group_id"] == memory.train_dataset["group_id"]
@@ -207,3 +223,39 @@ def test_trak_makes_one_pass_and_equals_its_kernel_pass(kernel: str) -> None:
     q = toy_dataset(3, seed=6)
     torch.testing.assert_close(fused.score(q).matrix, separate.score(q).matrix, rtol=1e-7,
                                atol=1e-9)
+
+
+def test_drill_down_reads_the_fit_stored_rows(tmp_path) -> None:
+    """A store-backed fit keeps its per-example vectors on disk: the drill-down reads them
+    (no pass) and gives the point scores of recomputing them; the drilled rows sum to their
+    groups' scores."""
+    model, task, data = _setup(20)
+    data = data.add_column("row", list(range(20)))
+    q = toy_dataset(3, seed=5)
+    cfg = InfluenceConfig(normalize="unit", batch_size=8, shard_rows=6)
+    memory = InfluenceFunction(model, task, cfg).fit(
+        data, grouper=GradKMeansGrouper(num_groups=4, seed=0))
+    disk = InfluenceFunction(model, task, cfg).fit(
+        data, store=str(tmp_path / "s"), grouper=GradKMeansGrouper(num_groups=4, seed=0))
+    chosen = disk.group_ids[1:3]
+    want = memory.refine(memory.score(q), group_ids=chosen, row_column="row")
+    scores = disk.score(q)
+    counter = _RowCounter(model)
+    got = disk.refine(scores, group_ids=chosen, row_column="row")
+    assert counter.passes(20) == pytest.approx(0.0)
+    assert got.point_rows == want.point_rows
+    torch.testing.assert_close(got.point_scores, want.point_scores, rtol=1e-8, atol=1e-10)
+    groups = np.asarray(got.point_groups)
+    for g in chosen:
+        torch.testing.assert_close(got.point_scores[:, groups == g].sum(1),
+                                   scores.matrix[:, disk.group_ids.index(g)], rtol=1e-8,
+                                   atol=1e-10)
+    # a store overwritten by another request: the drill-down recomputes the rows
+    InfluenceFunction(model, task, InfluenceConfig(normalize="unit", batch_size=4,
+                                                   shard_rows=6)).fit(
+        data, store=str(tmp_path / "s"), overwrite=True,
+        grouper=GradKMeansGrouper(num_groups=4, seed=0))
+    counter = _RowCounter(model)
+    again = disk.refine(scores, group_ids=chosen, row_column="row")
+    assert counter.passes(20) > 0
+    torch.testing.assert_close(again.point_scores, want.point_scores, rtol=1e-8, atol=1e-10)

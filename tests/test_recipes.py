@@ -333,7 +333,10 @@ def test_llm_chat_cleanup_quick(tmp_path: Path, restore_globals: None) -> None:
     fig, out = run_quick("llm_chat_cleanup", tmp_path)
     check_unit(fig, [f"{n}_recall_at_{p}" for n in ("normalised", "raw", "loss", "random")
                      for p in (10, 20)])
-    assert set(fig["recall_at_20_by_kind"]) == {"wrong", "off-task", "conflict", "format"}
+    for pct in (10, 20):
+        by_kind = fig[f"recall_at_{pct}_by_kind"]
+        assert set(by_kind) == {"wrong", "off-task", "conflict", "format"}
+        assert all(0.0 <= r <= 1.0 for row in by_kind.values() for r in row.values())
     assert fig["num_corrupted"] == round(0.2 * fig["num_rows"])
     assert fig["cost_s"]["normalised_groups"] > 0
     check_saved(out / "train_scored")

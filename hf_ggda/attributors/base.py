@@ -59,6 +59,7 @@ from .config import AttributorConfig
 from .drilldown import SelfAndDrillMixin
 from .model_state import check_model_unchanged
 from .normalise import normalised_query_gradients, row_weights
+from .pass_features import features_key, load_pass_features, save_pass_features
 from .scoring import check_finite_scores
 from .state import Component, _Fit, _Part, check_task_unchanged
 
@@ -289,6 +290,7 @@ class Attributor(SelfAndDrillMixin, ABC):
         if self._curvature_rows is not None:  # which rows the curvature came from
             groups.fingerprint = {**groups.fingerprint,
                                   "curvature_dataset": self._curvature_rows._fingerprint}
+        stored = groups.extras.get("points")
         kind = self.config.normalize
         if kind is not None:  # re-sum the per-row vectors, each divided by its norm
             points = groups.extras["points"]
@@ -298,6 +300,8 @@ class Attributor(SelfAndDrillMixin, ABC):
             groups.fingerprint = {**groups.fingerprint, "normalize": kind}
         part = _Part(groups.gradients, groups.gradients, pre, groups.fingerprint,
                      groups.group_ids, groups.sizes)
+        if stored is not None and "store" in stored.extras:  # on disk: the drill-down reads them
+            part.row_vectors = stored.point_chunks
         part.train = self._transform(part, groups.gradients, "train")
         return part
 
@@ -318,14 +322,26 @@ class Attributor(SelfAndDrillMixin, ABC):
             points = engine.per_example_gradients(  # n vectors stay on disk with a store
                 train, fn=self.train_fn(), taps=taps, overwrite=overwrite, keep=False,
                 store=None if sub is None else str(sub / "points"))
-            if points.fresh:
-                grouped = grouper.assign(train, features=feature_tap.matrix())
-            else:  # resumed from a point store: the features were not seen in this pass
-                grouped = grouper.assign(train, model=self.model, task=self.task)
+            grouped = self._assign_pass_groups(grouper, train, points, feature_tap, sub)
             groups = engine.sum_into_groups(points, grouped, GROUP_COLUMN, self.train_fn())
             groups.extras = {"row_vectors": points.point_chunks, "points": points}
             part = self._finish_part(comp, engine, grouped, groups, sub, GROUP_COLUMN)
         return grouped, {c: part}
+
+    def _assign_pass_groups(self, grouper: "Grouper", train: Dataset, points: GroupGradients,
+                            feature_tap: Any, sub: Optional[Path]) -> Dataset:
+        """Group with the pass's features; a resumed pass reads them from the store's cache
+        (:mod:`.pass_features`) or, without one, recomputes them with the model."""
+        key = features_key(points.fingerprint, grouper, self.train_sign())
+        if points.fresh:
+            features = feature_tap.matrix()
+            if sub is not None:
+                save_pass_features(sub, key, features)
+            return grouper.assign(train, features=features)
+        cached = None if sub is None else load_pass_features(sub, key, len(train))
+        if cached is not None:
+            return grouper.assign(train, features=cached)
+        return grouper.assign(train, model=self.model, task=self.task)
 
     def train_sign(self) -> float:
         """Sign of the training function's logit-gradient relative to the loss's (+1: it is

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Optional, Protocol, Sequence
 import torch
 from datasets import Dataset
 
-from ..errors import MissingColumnError, NonFiniteScoresError
+from ..errors import CorruptShardError, MissingColumnError, NonFiniteScoresError
 from ..logging import get_logger
 from ..scores import GroupScores
 from ..tasks import ROW_COLUMN
@@ -62,6 +62,39 @@ class _Host(Protocol):
     def _combine(self, query: Sequence[torch.Tensor], train: Sequence[torch.Tensor],
                  first_row: int = 0, columns: Optional[Sequence[Any]] = None
                  ) -> torch.Tensor: ...
+
+
+def stored_rows(part: "_Part", rows: Sequence[int]) -> Optional[torch.Tensor]:
+    """The fit's per-example vectors of ``rows`` (in that order), read from its store.
+
+    The drill-down's point scores are then taken from the same vectors the group sums were
+    made of (so, for linear methods, a group's point scores sum to its score) and cost no
+    backward pass.
+
+    Args:
+        part: A fitted component.
+        rows: Positions in the fitted dataset.
+
+    Returns:
+        (len(rows), p) vectors, or None when the fit kept none or its store no longer holds
+        them (the caller recomputes them).
+    """
+    if part.row_vectors is None:
+        return None
+    where = {r: j for j, r in enumerate(rows)}
+    out: list[Optional[torch.Tensor]] = [None] * len(rows)
+    try:
+        for chunk_rows, vectors in part.row_vectors():
+            for i, r in enumerate(chunk_rows):
+                if r in where:
+                    out[where[r]] = vectors[i]
+    except CorruptShardError as err:
+        logger.warning("The fit's store no longer holds its per-example vectors (%s); the "
+                       "drill-down recomputes them.", err)
+        return None
+    if any(v is None for v in out):
+        return None
+    return torch.stack([v for v in out if v is not None]) if out else None
 
 
 class SelfAndDrillMixin:
@@ -157,7 +190,9 @@ class SelfAndDrillMixin:
                query_dataset: Optional[Dataset] = None) -> GroupScores:
         """Drill down: re-score the rows of chosen groups at point level.
 
-        Only the chosen rows get per-example gradients; the query side is reused from
+        Only the chosen rows get per-example gradients, and none are recomputed when the
+        fit computed them into a store (normalised scores, TRAK, Grad-K-Means grouping in
+        the fit, with ``store=``): they are read back from it. The query side is reused from
         :meth:`score` (or recomputed from ``query_dataset``).
 
         Args:
@@ -201,9 +236,11 @@ class SelfAndDrillMixin:
         for c, (comp, part) in enumerate(zip(self.components, state.parts)):
             with comp.activate(self.model):
                 check_model_unchanged(self.model, part.fingerprint, "the drill-down")
-                grads = self._engine(c, comp).per_example_gradients(subset, fn=self.train_fn())
-                rows_vec = normalise_rows(grads.gradients, self.config.normalize,
-                                          part.preconditioner)
+                stored = stored_rows(part, rows)
+                if stored is None:
+                    stored = self._engine(c, comp).per_example_gradients(
+                        subset, fn=self.train_fn()).gradients
+                rows_vec = normalise_rows(stored, self.config.normalize, part.preconditioner)
                 train.append(self._transform(part, rows_vec, "train"))
         point = self._combine(vectors, train, columns=rows).detach().cpu()
         key = row_column or (ROW_COLUMN if ROW_COLUMN in state.dataset.column_names else None)

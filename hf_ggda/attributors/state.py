@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, ContextManager, Optional
+from typing import Any, Callable, ContextManager, Iterator, Optional
 
 import numpy as np
 import torch
@@ -44,6 +44,9 @@ class _Part:
     fingerprint: dict[str, Any]
     group_ids: list[Any] = field(default_factory=list)
     sizes: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    #: The fit's per-example vectors when a store holds them (``GroupGradients.point_chunks``
+    #: of the pass): the drill-down reads its rows from there instead of recomputing them.
+    row_vectors: Optional[Callable[[], Iterator[tuple[list[int], torch.Tensor]]]] = None
 
 
 @dataclass
