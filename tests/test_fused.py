@@ -259,3 +259,28 @@ def test_drill_down_reads_the_fit_stored_rows(tmp_path) -> None:
     again = disk.refine(scores, group_ids=chosen, row_column="row")
     assert counter.passes(20) > 0
     torch.testing.assert_close(again.point_scores, want.point_scores, rtol=1e-8, atol=1e-10)
+
+
+def test_pass_feature_cache_refuses_what_is_not_this_pass(tmp_path) -> None:
+    """The cache is read back only for its own key, shape and finite values, never through
+    a link; anything else is None (the caller recomputes)."""
+    from hf_ggda.attributors.pass_features import (
+        FEATURES_FILE,
+        load_pass_features,
+        save_pass_features,
+    )
+
+    feats = np.arange(12, dtype=np.float32).reshape(4, 3)
+    save_pass_features(tmp_path, "k1", feats)
+    np.testing.assert_array_equal(load_pass_features(tmp_path, "k1", 4), feats)
+    assert load_pass_features(tmp_path, "k2", 4) is None  # another pass or grouper
+    assert load_pass_features(tmp_path, "k1", 5) is None  # another number of rows
+    bad = feats.copy()
+    bad[1, 2] = np.nan
+    save_pass_features(tmp_path, "k1", bad)
+    assert load_pass_features(tmp_path, "k1", 4) is None
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / FEATURES_FILE).symlink_to(tmp_path / FEATURES_FILE)
+    assert load_pass_features(linked, "k1", 4) is None
+    assert load_pass_features(tmp_path / "absent", "k1", 4) is None
