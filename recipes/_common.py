@@ -354,6 +354,26 @@ def sample_curve(result: Mapping[str, Any], points: int = 41) -> tuple[list[floa
     return x[idx].tolist(), y[idx].tolist()
 
 
+def found_curve(result: Mapping[str, Any], found: str, inspected: str = "training rows"
+                ) -> Any:
+    """The card's curve of a :func:`detection` result: share of ``found`` against share of
+    ``inspected``, with random inspection (the diagonal) as its baseline.
+
+    Args:
+        result: Output of :func:`detection`.
+        found: What is found, for the y label (e.g. ``"flipped labels"``).
+        inspected: What is inspected, for the x label.
+
+    Returns:
+        A :class:`hf_ggda.integrations.cards.Curve`.
+    """
+    from hf_ggda.integrations.cards import Curve
+
+    x, y = sample_curve(result)
+    return Curve(x, y, xlabel=f"fraction of {inspected} inspected",
+                 ylabel=f"fraction of {found} found", baseline=(x, x))
+
+
 def select_until(order: Sequence[int], sizes: Sequence[int], budget: float) -> list[int]:
     """Take items in ``order`` until their sizes sum to at least ``budget``.
 

@@ -30,7 +30,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (Timings, accuracy, base_parser, bbc_splits, detection,  # noqa: E402
-                     flip_labels, parse_sized, recipe_run, replace_column, sample_curve, say,
+                     flip_labels, found_curve, parse_sized, recipe_run, replace_column, say,
                      setup_run, write_figures)
 
 FULL = {"train_rows": 1000, "val_rows": 200, "max_length": 64, "steps": 100}
@@ -122,7 +122,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     from hf_ggda.attributors import InfluenceConfig, InfluenceFunction
     from hf_ggda.data import load_minilm_classifier
     from hf_ggda.grouping import get_grouper
-    from hf_ggda.integrations.cards import Curve, write_attribution_card
+    from hf_ggda.integrations.cards import write_attribution_card
     from hf_ggda.integrations.hub import push_scored_dataset
     from hf_ggda.tasks import SequenceClassificationTask
     from hf_ggda.training import finetune
@@ -161,10 +161,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         run.dataset("scored", scored)
         curves = {}
         if flags[rows].sum() > 0:  # the drilled source holds corrupted rows: plot how fast
-            x, y = sample_curve(drill)
-            curves[f"Corrupted rows of {names[worst]} found, most harmful first"] = Curve(
-                x, y, xlabel=f"fraction of {names[worst]} inspected",
-                ylabel="fraction of its corrupted rows found", baseline=(x, x))
+            curves[f"Corrupted rows of {names[worst]} found, most harmful first"] = \
+                found_curve(drill, "its corrupted rows", inspected=names[worst])
         card = write_attribution_card(
             run.folder("card"), scores, scored, model=model, query_dataset=val,
             grouping="column `source` (group_id = position of the source in sorted order: "

@@ -53,7 +53,7 @@ from datasets import Dataset
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (Timings, base_parser, bbc_splits, detection, parse_sized,  # noqa: E402
-                     recall_figures, recipe_run, sample_curve, say, select_until, setup_run,
+                     found_curve, recall_figures, recipe_run, say, select_until, setup_run,
                      write_figures)
 from llm_instruction_cleanup import (TOPICS, TOY_TOPICS, response_losses,  # noqa: E402
                                      smollm2_files)
@@ -265,18 +265,16 @@ def _card(folder: Path, scores: Any, scored: Dataset, val: Dataset, model: Any,
           ) -> None:
     """The attribution card: normalised group scores, the evaluation row 0 highlighted by
     its top group, the curve of corrupted rows found."""
-    from hf_ggda.integrations.cards import Curve, write_attribution_card
+    from hf_ggda.integrations.cards import write_attribution_card
 
-    x, y = sample_curve(found)
     write_attribution_card(
         folder, scores, scored, model=model, model_name=model_name, query_dataset=val,
         grouping=f"Grad-K-Means (K = {figures['num_groups']}) in the attribution pass",
         text_column="prompt", label_column="response", token_scores=tokens,
         token_query="evaluation row 0",
         pretty_name=f"Chat-data cleanup of {model_name} with normalised GGDA",
-        curves={"Corrupted rows found, most harmful first (normalised GGDA)": Curve(
-            x, y, xlabel="fraction of training rows inspected",
-            ylabel="fraction of corrupted rows found", baseline=(x, x))},
+        curves={"Corrupted rows found, most harmful first (normalised GGDA)":
+                found_curve(found, "corrupted rows")},
         limits=["Rows were corrupted on purpose (columns `corrupted`, `kind`).",
                 "Response-loss ranking finds more corrupted rows than GGDA here; see the "
                 "figures (recall by kind of corruption)."],

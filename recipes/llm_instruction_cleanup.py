@@ -41,7 +41,7 @@ from datasets import Dataset
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (Timings, base_parser, bbc_splits, detection, parse_sized,  # noqa: E402
-                     recall_figures, recipe_run, sample_curve, say, select_until, setup_run,
+                     found_curve, recall_figures, recipe_run, say, select_until, setup_run,
                      write_figures)
 
 FULL = {"train_rows": 240, "val_rows": 40, "max_length": 64, "steps": 60, "groups": 24,
@@ -236,7 +236,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     out = setup_run(args)
     from hf_ggda.attributors import InfluenceConfig, InfluenceFunction, token_scores
     from hf_ggda.grouping import get_grouper
-    from hf_ggda.integrations.cards import Curve, write_attribution_card
+    from hf_ggda.integrations.cards import write_attribution_card
     from hf_ggda.tasks import CausalLMTask
     from hf_ggda.training import finetune
 
@@ -322,7 +322,6 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     with recipe_run(out, "llm_instruction_cleanup", args) as run:
         run.dataset("train_scored", scored)
         run.folder("adapter", model.save_pretrained)
-        x, y = sample_curve(results["ggda"])
         write_attribution_card(
             run.folder("card"), scores, scored, model=model, model_name=model_name,
             query_dataset=val,
@@ -330,9 +329,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             text_column="prompt", label_column="response", token_scores=tokens,
             token_query="validation row 0",
             pretty_name=f"Instruction-set cleanup of {model_name} with GGDA",
-            curves={"Corrupted answers found, most harmful first": Curve(
-                x, y, xlabel="fraction of training rows inspected",
-                ylabel="fraction of corrupted answers found", baseline=(x, x))},
+            curves={"Corrupted answers found, most harmful first":
+                    found_curve(results["ggda"], "corrupted answers")},
             limits=["Answers were corrupted on purpose (column `corrupted`)."],
             extra_metadata={"recipe": "llm_instruction_cleanup"})
         write_figures(figures, args.json, run)

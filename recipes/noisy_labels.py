@@ -37,8 +37,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (HEAD_SELECTION, Timings, base_parser, bbc_splits, detection,  # noqa: E402
-                     flip_labels, make_attributor, parse_sized, predict, recall_figures,
-                     recipe_run, replace_column, sample_curve, say, select_until, setup_run,
+                     flip_labels, found_curve, make_attributor, parse_sized, predict,
+                     recall_figures, recipe_run, replace_column, say, select_until, setup_run,
                      write_figures)
 
 FULL = {"train_rows": 1600, "val_rows": 200, "max_length": 64, "steps": 150, "groups": 100,
@@ -191,7 +191,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     from hf_ggda.data import load_minilm_classifier
     from hf_ggda.gradients import EngineConfig, GradientEngine
     from hf_ggda.grouping import get_grouper
-    from hf_ggda.integrations.cards import Curve, write_attribution_card
+    from hf_ggda.integrations.cards import write_attribution_card
     from hf_ggda.tasks import SequenceClassificationTask
     from hf_ggda.training import finetune_with_snapshots
 
@@ -322,12 +322,9 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     scored = scored.add_column("train_loss", row_loss.astype(float).tolist())
     with recipe_run(out, "noisy_labels", args) as run:
         run.dataset("train_scored", scored)
-        curves = {}
-        for key, title in (("ggda", "Flipped labels found (GGDA groups + drill-down)"),
-                           ("loss", "Flipped labels found (training-loss ranking)")):
-            x, y = sample_curve(results[key])
-            curves[title] = Curve(x, y, xlabel="fraction of training rows inspected",
-                                  ylabel="fraction of flipped labels found", baseline=(x, x))
+        curves = {title: found_curve(results[key], "flipped labels") for key, title in (
+            ("ggda", "Flipped labels found (GGDA groups + drill-down)"),
+            ("loss", "Flipped labels found (training-loss ranking)"))}
         write_attribution_card(
             run.folder("card"), scores, scored, model=model, query_dataset=val,
             grouping=f"{args.grouper} within each noisy label (K = {len(ids)})",
