@@ -250,6 +250,9 @@ def test_drill_down_reads_the_fit_stored_rows(tmp_path) -> None:
         torch.testing.assert_close(got.point_scores[:, groups == g].sum(1),
                                    scores.matrix[:, disk.group_ids.index(g)], rtol=1e-8,
                                    atol=1e-10)
+    # only the shards holding the wanted rows are read (6 rows a shard)
+    chunks = list(disk._require_fit().parts[0].row_vectors(only={7}))
+    assert [rows for rows, _ in chunks] == [list(range(6, 12))]
     # a store overwritten by another request: the drill-down recomputes the rows
     InfluenceFunction(model, task, InfluenceConfig(normalize="unit", batch_size=4,
                                                    shard_rows=6)).fit(

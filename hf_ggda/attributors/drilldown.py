@@ -84,7 +84,7 @@ def stored_rows(part: "_Part", rows: Sequence[int]) -> Optional[torch.Tensor]:
     where = {r: j for j, r in enumerate(rows)}
     out: list[Optional[torch.Tensor]] = [None] * len(rows)
     try:
-        for chunk_rows, vectors in part.row_vectors():
+        for chunk_rows, vectors in part.row_vectors(only=where):  # only their shards
             for i, r in enumerate(chunk_rows):
                 if r in where:
                     out[where[r]] = vectors[i]

@@ -46,7 +46,7 @@ class _Part:
     sizes: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     #: The fit's per-example vectors when a store holds them (``GroupGradients.point_chunks``
     #: of the pass): the drill-down reads its rows from there instead of recomputing them.
-    row_vectors: Optional[Callable[[], Iterator[tuple[list[int], torch.Tensor]]]] = None
+    row_vectors: Optional[Callable[..., Iterator[tuple[list[int], torch.Tensor]]]] = None
 
 
 @dataclass

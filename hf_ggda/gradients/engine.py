@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Container, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -111,18 +111,22 @@ class GroupGradients:
     #: What the pass left for later steps (e.g. ``"row_vectors"`` for EK-FAC).
     extras: dict[str, Any] = field(default_factory=dict)
 
-    def point_chunks(self, rows: int = 256) -> Iterator[tuple[list[int], torch.Tensor]]:
+    def point_chunks(self, rows: int = 256, only: Optional[Container[int]] = None
+                     ) -> Iterator[tuple[list[int], torch.Tensor]]:
         """Yield (dataset rows, vectors) chunks of a per-example result (group id = row).
 
         Reads the store shard by shard when the result was not kept in memory
-        (``per_example_gradients(..., keep=False)``).
+        (``per_example_gradients(..., keep=False)``); with ``only``, the shards that hold
+        none of those rows are not read (their chunks are skipped).
         """
         if "store" in self.extras:
             store = self.extras["store"]
             device = self.extras.get("device")
             for i, (g0, g1) in enumerate(store.manifest["shard_bounds"]):
-                yield ([int(r) for r in self.group_ids[g0:g1]],
-                       store.read_shard(i).to(device=device, dtype=self.gradients.dtype))
+                keys = [int(r) for r in self.group_ids[g0:g1]]
+                if only is None or any(r in only for r in keys):
+                    yield keys, store.read_shard(i).to(device=device,
+                                                       dtype=self.gradients.dtype)
             return
         for start in range(0, len(self.group_ids), rows):
             yield ([int(r) for r in self.group_ids[start:start + rows]],
